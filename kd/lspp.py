@@ -1,0 +1,135 @@
+"""Label Smoothing++ (Chhabra et al., section 3.2): learned class-level soft targets.
+
+For K classes a learnable logit matrix of shape K x (K-1), initialised to zeros, gives
+C = row-softmax with a zero inserted at the diagonal (a K x K row-stochastic matrix). The
+target for label y is t = (1 - a) * onehot(y) + a * C[y]; for a label distribution s
+(Mixup/CutMix) it is t = (1 - a) * s + a * (s @ C).
+
+The loss is the paper's symmetric cross-entropy with split gradients:
+
+    H(t.detach(), p)  trains the network  (plain soft-target cross-entropy)
+    H(p.detach(), t)  trains C            (pulls each row of C towards the network's
+                                           non-target predictions for that class)
+
+We use the sum of the two terms, not the reference code's average: each term reaches only
+its own parameters, so a factor 1/2 would just halve the learning rate of both, and with the
+sum the network sees exactly the gradient of soft-target cross-entropy (comparable to 1-hot
+and LS at the same learning rate). The C logits get no weight decay (see
+`LSPPLoss.no_weight_decay`): decay pulls the logits to zero, i.e. rows towards uniform (plain
+LS), which would bias the matrix we export and share.
+
+Everything is computed in log-space in float32 (log-softmax and logaddexp, never the log of
+a probability plus an epsilon), also under mixed precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def insert_diagonal(off_diagonal: torch.Tensor, value: float) -> torch.Tensor:
+    """Turn a K x (K-1) matrix into K x K by inserting `value` at each row's diagonal position.
+
+    Row i of the input lists the entries for columns 0..K-1 without column i.
+    """
+    k = off_diagonal.shape[0]
+    if off_diagonal.shape != (k, k - 1):
+        raise ValueError(f"expected a K x (K-1) matrix, got shape {tuple(off_diagonal.shape)}")
+    # In row-major order the full matrix is: diagonal, K off-diagonal entries, diagonal, ...,
+    # diagonal. So the off-diagonal entries, read as (K-1) rows of K, get a `value` column in
+    # front, and one more `value` closes the last diagonal.
+    rows = torch.cat([off_diagonal.new_full((k - 1, 1), value), off_diagonal.reshape(k - 1, k)], dim=1)
+    flat = torch.cat([rows.reshape(-1), off_diagonal.new_full((1,), value)])
+    return flat.reshape(k, k)
+
+
+def remove_diagonal(full: torch.Tensor) -> torch.Tensor:
+    """Inverse of `insert_diagonal`: drop the diagonal of a K x K matrix, giving K x (K-1)."""
+    k = full.shape[0]
+    if full.shape != (k, k):
+        raise ValueError(f"expected a K x K matrix, got shape {tuple(full.shape)}")
+    return full.reshape(-1)[1:].reshape(k - 1, k + 1)[:, :-1].reshape(k, k - 1)
+
+
+def log_cmatrix_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """log C as a K x K matrix: row log-softmax of the K x (K-1) logits, -inf on the diagonal."""
+    return insert_diagonal(F.log_softmax(logits.float(), dim=1), -math.inf)
+
+
+def cmatrix_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """C as a K x K row-stochastic matrix with a zero diagonal."""
+    return insert_diagonal(F.softmax(logits.float(), dim=1), 0.0)
+
+
+# A finite "log 0": exp(-1e4) is exactly 0 in float32, and sums of two stay finite.
+_LOG_ZERO = -1.0e4
+
+
+def log_targets(labels: torch.Tensor, log_c: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log t for hard labels (N,) or soft label distributions (N, K), with t = (1-a) s + a (s @ C).
+
+    Differentiable with respect to `log_c`; exact in log-space.
+    """
+    num_classes = log_c.shape[0]
+    if labels.dim() == 1:
+        log_mixed = log_c[labels.long()]  # log C[y]: log(s @ C) for one-hot s
+        log_s = F.one_hot(labels.long(), num_classes).float().log()
+    else:
+        log_s = labels.float().log()
+        # log (s @ C)_k = logsumexp_j (log s_j + log C_jk). A column where every term is -inf
+        # (s = onehot(k) meets C's zero diagonal) would give a NaN gradient, so the sum runs
+        # over finite stand-ins whose exp is exactly 0.
+        log_mixed = torch.logsumexp(
+            log_s.clamp(min=_LOG_ZERO).unsqueeze(2) + log_c.clamp(min=_LOG_ZERO).unsqueeze(0), dim=1
+        )
+    if alpha == 0.0:
+        return log_s
+    return torch.logaddexp(log_s + math.log1p(-alpha), log_mixed + math.log(alpha))
+
+
+def _xlogy_sum(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_k p_k * log q_k per row, with 0 * log 0 = 0 (and no NaN gradient from it)."""
+    safe_log_q = torch.where(p > 0, log_q, torch.zeros_like(log_q))
+    return (p * safe_log_q).sum(dim=-1)
+
+
+class LSPPLoss(nn.Module):
+    """LS++ criterion holding the learnable K x (K-1) C logits.
+
+    Keep it inside the module that `accelerator.prepare` wraps, so DDP synchronises the C
+    logits' gradients exactly like the network's.
+    """
+
+    def __init__(self, num_classes: int, alpha: float = 0.1) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError("LS++ needs at least 2 classes")
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        self.num_classes = num_classes
+        self.alpha = float(alpha)
+        self.logits = nn.Parameter(torch.zeros(num_classes, num_classes - 1))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"logits"}
+
+    def cmatrix(self) -> torch.Tensor:
+        return cmatrix_from_logits(self.logits)
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The soft targets t for hard labels (N,) or soft label distributions (N, K)."""
+        return log_targets(labels, log_cmatrix_from_logits(self.logits), self.alpha).exp()
+
+    def forward(self, net_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=net_logits.device.type, enabled=False):
+            log_p = F.log_softmax(net_logits.float(), dim=1)
+            log_t = log_targets(labels, log_cmatrix_from_logits(self.logits), self.alpha)
+            network_term = -_xlogy_sum(log_t.detach().exp(), log_p).mean()
+            if self.alpha == 0.0:
+                return network_term + 0.0 * self.logits.sum()  # C is untouched, but stays "used" for DDP
+            cmatrix_term = -_xlogy_sum(log_p.detach().exp(), log_t).mean()
+            return network_term + cmatrix_term
