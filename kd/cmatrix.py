@@ -1,0 +1,500 @@
+"""The shareable C-matrix artifact, `cmatrix.safetensors` (format "lspp-cmatrix", version 1.0).
+
+A C-matrix travels on its own between people, so everything in it is checked on load and
+every problem is a one-line `CMatrixError` that starts with the file's path. Loading never
+executes code: only the safetensors reader is used, never pickle or `torch.load`.
+The format is specified in docs/cmatrix-format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+
+from kd import __version__
+from kd.errors import KDError
+from kd.io import save_safetensors_atomic
+from kd.lspp import cmatrix_from_logits, insert_diagonal, remove_diagonal
+
+FORMAT_NAME = "lspp-cmatrix"
+FORMAT_VERSION = "1.0"
+SOURCES = ("lspp", "posthoc", "subset", "merge", "remap")
+
+READABLE_MAJOR = 1
+REQUIRED_KEYS = (
+    "format",
+    "format_version",
+    "num_classes",
+    "class_names",
+    "alpha",
+    "dataset",
+    "teacher_model",
+    "teacher_top1",
+    "source",
+    "toolkit_version",
+    "created",
+)
+TENSOR_PROBS = "cmatrix"
+TENSOR_LOGITS = "logits"
+
+# Post-hoc logits are log(p) with p clamped here, so a zero probability gets a finite logit.
+LOG_FLOOR = math.log(1e-12)
+DIAGONAL_TOL = 1e-6
+ROW_SUM_TOL = 1e-4
+SOFTMAX_TOL = 1e-4
+
+
+class CMatrixError(KDError):
+    """A bad C-matrix (file); the one-line message starts with the file path when there is one."""
+
+
+def _now_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _one_line(text: str, limit: int = 80) -> str:
+    """A value quoted for a message: escaped (never spans lines) and cut to `limit` characters."""
+    quoted = repr(text)
+    return quoted if len(quoted) <= limit else quoted[: limit - 4] + "...'"
+
+
+def _fail(where: str, problem: str) -> CMatrixError:
+    message = f"{where}: {problem}"
+    return CMatrixError(" ".join(message.splitlines()))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_created(text: str) -> datetime | None:
+    # Python 3.10's fromisoformat does not take a trailing "Z".
+    candidate = text[:-1] + "+00:00" if text.endswith("Z") else text
+    try:
+        return datetime.fromisoformat(candidate)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class CMatrix:
+    """A K x K class-similarity matrix with its K x (K-1) LS++ logits and provenance.
+
+    Construction does not validate (see `validate`); `save_cmatrix` and `load_cmatrix` do.
+    """
+
+    probs: torch.Tensor
+    logits: torch.Tensor
+    class_names: tuple[str, ...]
+    alpha: float
+    source: str
+    dataset: str = ""
+    teacher_model: str = ""
+    teacher_top1: float | None = None
+    toolkit_version: str = __version__
+    created: str = field(default_factory=_now_utc)
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.class_names, (str, tuple)):
+            object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata (string to string): the required keys, then `extra`."""
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "num_classes": str(self.num_classes),
+            "class_names": json.dumps(list(self.class_names), ensure_ascii=False),
+            "alpha": repr(float(self.alpha)),
+            "dataset": self.dataset,
+            "teacher_model": self.teacher_model,
+            "teacher_top1": "" if self.teacher_top1 is None else repr(float(self.teacher_top1)),
+            "source": self.source,
+            "toolkit_version": self.toolkit_version,
+            "created": self.created,
+        }
+        for key, value in self.extra.items():
+            meta.setdefault(key, value)
+        return meta
+
+    @classmethod
+    def from_logits(
+        cls,
+        logits: torch.Tensor,
+        class_names: Sequence[str],
+        alpha: float,
+        source: str = "lspp",
+        **kw: Any,
+    ) -> CMatrix:
+        """From LS++ logits (K x (K-1)); probs = row softmax with a zero diagonal."""
+        logits = logits.detach().to("cpu", torch.float32).contiguous().clone()
+        if logits.dim() != 2 or logits.shape[1] != logits.shape[0] - 1:
+            raise CMatrixError(f"C-matrix: logits must be K x (K-1), got shape {tuple(logits.shape)}")
+        probs = cmatrix_from_logits(logits).contiguous()
+        return cls(probs=probs, logits=logits, class_names=tuple(class_names), alpha=alpha, source=source, **kw)
+
+    @classmethod
+    def from_probs(
+        cls,
+        probs: torch.Tensor,
+        class_names: Sequence[str],
+        alpha: float,
+        source: str = "posthoc",
+        **kw: Any,
+    ) -> CMatrix:
+        """From a K x K probability matrix; logits = log of the off-diagonal probs, floored at log(1e-12)."""
+        probs = probs.detach().to("cpu", torch.float32).contiguous().clone()
+        if probs.dim() != 2 or probs.shape[0] != probs.shape[1]:
+            raise CMatrixError(f"C-matrix: probs must be K x K, got shape {tuple(probs.shape)}")
+        off = remove_diagonal(probs.double())
+        logits = off.clamp_min(math.exp(LOG_FLOOR)).log().clamp_min(LOG_FLOOR).float().contiguous()
+        return cls(probs=probs, logits=logits, class_names=tuple(class_names), alpha=alpha, source=source, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_class_names_value(names: Any, where: str) -> None:
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise _fail(where, "class_names must be a list of strings")
+    if len(names) < 2:
+        raise _fail(where, f"a C-matrix needs at least 2 classes, got {len(names)}")
+    for i, name in enumerate(names):
+        if not name:
+            raise _fail(where, f"class_names[{i}] is an empty string")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise _fail(where, f"class name {_one_line(name)} appears more than once in class_names")
+        seen.add(name)
+
+
+def _check_tensor_meta(tensor: Any, name: str, shape: tuple[int, ...], where: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise _fail(where, f"tensor '{name}' is missing")
+    if tensor.dtype != torch.float32:
+        raise _fail(where, f"tensor '{name}' has dtype {str(tensor.dtype).replace('torch.', '')}, expected float32")
+    if tuple(tensor.shape) != shape:
+        raise _fail(where, f"tensor '{name}' has shape {tuple(tensor.shape)}, expected {shape} for K={shape[0]}")
+
+
+def _check_values(probs: torch.Tensor, logits: torch.Tensor, names: Sequence[str], where: str) -> None:
+    """Numeric checks on tensors whose dtype and shape are already right."""
+    probs = probs.detach().cpu()
+    logits = logits.detach().cpu()
+    for tensor, label in ((probs, "cmatrix"), (logits, "logits")):
+        bad_rows = (~torch.isfinite(tensor)).any(dim=1).nonzero().flatten()
+        if bad_rows.numel():
+            row = int(bad_rows[0])
+            raise _fail(where, f"tensor '{label}' has non-finite values (NaN or inf) in row {_one_line(names[row])}")
+    negative = (probs < 0).nonzero()
+    if negative.numel():
+        i, j = (int(v) for v in negative[0])
+        raise _fail(
+            where,
+            f"cmatrix has a negative probability {float(probs[i, j]):.6g} "
+            f"at row {_one_line(names[i])}, column {_one_line(names[j])}",
+        )
+    diagonal = probs.diagonal().abs()
+    off_zero = (diagonal > DIAGONAL_TOL).nonzero().flatten()
+    if off_zero.numel():
+        i = int(off_zero[0])
+        raise _fail(
+            where,
+            f"cmatrix diagonal must be zero, but C[{_one_line(names[i])}, {_one_line(names[i])}] = "
+            f"{float(probs[i, i]):.6g}",
+        )
+    row_sums = probs.double().sum(dim=1)
+    bad_sum = ((row_sums - 1.0).abs() > ROW_SUM_TOL).nonzero().flatten()
+    if bad_sum.numel():
+        i = int(bad_sum[0])
+        raise _fail(
+            where,
+            f"cmatrix row {_one_line(names[i])} sums to {float(row_sums[i]):.6g}, not 1 (tolerance {ROW_SUM_TOL:g})",
+        )
+    expected = cmatrix_from_logits(logits.double())
+    diff = (expected - probs.double()).abs()
+    worst = float(diff.max())
+    if worst > SOFTMAX_TOL:
+        i = int(diff.max(dim=1).values.argmax())
+        raise _fail(
+            where,
+            f"cmatrix does not match the softmax of logits (max abs difference {worst:.3g} in row "
+            f"{_one_line(names[i])}; tolerance {SOFTMAX_TOL:g})",
+        )
+
+
+def validate(cm: CMatrix, where: str = "C-matrix") -> None:
+    """Check everything about `cm`; raise `CMatrixError` naming the first problem."""
+    _check_class_names_value(cm.class_names, where)
+    if not _is_real(cm.alpha) or not 0.0 <= float(cm.alpha) < 1.0:
+        raise _fail(where, f"alpha must be a number in [0, 1), got {cm.alpha!r}")
+    if cm.teacher_top1 is not None and (not _is_real(cm.teacher_top1) or not 0.0 <= float(cm.teacher_top1) <= 1.0):
+        raise _fail(where, f"teacher_top1 must be a number in [0, 1] or unknown, got {cm.teacher_top1!r}")
+    if cm.source not in SOURCES:
+        raise _fail(where, f"source {_one_line(str(cm.source))} is not one of {', '.join(SOURCES)}")
+    for key in ("dataset", "teacher_model", "toolkit_version", "created"):
+        if not isinstance(getattr(cm, key), str):
+            raise _fail(where, f"{key} must be a string, got {type(getattr(cm, key)).__name__}")
+    if _parse_created(cm.created) is None:
+        raise _fail(where, f"created {_one_line(cm.created)} is not an ISO 8601 timestamp")
+    for key, value in cm.extra.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise _fail(where, f"extra metadata must map strings to strings (key {key!r})")
+        if key in REQUIRED_KEYS:
+            raise _fail(where, f"extra metadata key '{key}' collides with a reserved key")
+    k = cm.num_classes
+    _check_tensor_meta(cm.probs, TENSOR_PROBS, (k, k), where)
+    _check_tensor_meta(cm.logits, TENSOR_LOGITS, (k, k - 1), where)
+    _check_values(cm.probs, cm.logits, cm.class_names, where)
+
+
+def check_class_names(cm: CMatrix, class_names: Sequence[str], where: str) -> None:
+    """Check the C-matrix's classes against a dataset's; a mismatch raises a one-line `CMatrixError`."""
+    file_names = list(cm.class_names)
+    data_names = list(class_names)
+    if file_names == data_names:
+        return
+    if len(file_names) != len(data_names):
+        raise _fail(
+            where,
+            f"the C-matrix has {len(file_names)} classes but the dataset has {len(data_names)}; "
+            "use a C-matrix made for this dataset",
+        )
+    if set(file_names) == set(data_names):
+        i = next(n for n, (a, b) in enumerate(zip(file_names, data_names)) if a != b)
+        raise _fail(
+            where,
+            f"same {len(file_names)} class names as the dataset but in a different order (first at index {i}: "
+            f"file {_one_line(file_names[i])}, dataset {_one_line(data_names[i])}); rows and columns can be "
+            "re-ordered by class name with --remap-by-name",
+        )
+
+    def listing(names: list[str]) -> str:
+        if not names:
+            return "(none)"
+        shown = ", ".join(_one_line(n, 40) for n in names[:5])
+        return shown + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+    data_set, file_set = set(data_names), set(file_names)
+    only_file = [n for n in file_names if n not in data_set]
+    only_data = list(dict.fromkeys(n for n in data_names if n not in file_set))
+    raise _fail(
+        where,
+        f"class names differ from the dataset's: only in the C-matrix: {listing(only_file)}; "
+        f"only in the dataset: {listing(only_data)}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save_cmatrix(path: str | os.PathLike, cm: CMatrix) -> None:
+    """Validate `cm`, then write it atomically (an existing file is replaced only on success)."""
+    where = str(path)
+    validate(cm, where)
+    tensors = {TENSOR_PROBS: cm.probs, TENSOR_LOGITS: cm.logits}
+    try:
+        save_safetensors_atomic(path, tensors, cm.metadata())
+    except OSError as exc:
+        raise _fail(where, f"cannot write the C-matrix: {exc.strerror or exc}") from exc
+
+
+def _parse_version(text: str, where: str) -> tuple[int, int]:
+    match = re.fullmatch(r"([0-9]+)\.([0-9]+)", text)
+    if match is None:
+        raise _fail(where, f"format_version {_one_line(text)} is malformed (expected MAJOR.MINOR, e.g. {FORMAT_VERSION})")
+    major, minor = int(match.group(1)), int(match.group(2))
+    if major > READABLE_MAJOR:
+        raise _fail(
+            where,
+            f"written by format version {text}; this toolkit reads {READABLE_MAJOR}.x — upgrade lspp-kd",
+        )
+    if major < READABLE_MAJOR:
+        raise _fail(where, f"written by format version {text}; this toolkit reads only {READABLE_MAJOR}.x")
+    return major, minor
+
+
+def _parse_float(meta: Mapping[str, str], key: str, where: str) -> float:
+    try:
+        return float(meta[key])
+    except ValueError:
+        raise _fail(where, f"{key} {_one_line(meta[key])} is not a number") from None
+
+
+def _parse_metadata(meta: Mapping[str, str] | None, where: str) -> dict[str, Any]:
+    if not meta:
+        raise _fail(where, f"no metadata in the file (not an {FORMAT_NAME} file?)")
+    if "format" not in meta:
+        raise _fail(where, f"missing metadata key 'format' (not an {FORMAT_NAME} file?)")
+    if meta["format"] != FORMAT_NAME:
+        raise _fail(where, f"format is {_one_line(meta['format'])}, expected '{FORMAT_NAME}'")
+    if "format_version" not in meta:
+        raise _fail(where, "missing metadata key 'format_version'")
+    _parse_version(meta["format_version"], where)
+    for key in REQUIRED_KEYS:
+        if key not in meta:
+            raise _fail(where, f"missing metadata key '{key}'")
+
+    if re.fullmatch(r"[0-9]+", meta["num_classes"]) is None:
+        raise _fail(where, f"num_classes {_one_line(meta['num_classes'])} is not an integer")
+    k = int(meta["num_classes"])
+    if k < 2:
+        raise _fail(where, f"num_classes must be at least 2, got {k}")
+    try:
+        names = json.loads(meta["class_names"])
+    except ValueError:
+        raise _fail(where, "class_names is not valid JSON (expected a JSON list of strings)") from None
+    _check_class_names_value(names, where)
+    if len(names) != k:
+        raise _fail(where, f"class_names lists {len(names)} names but num_classes is {k}")
+
+    alpha = _parse_float(meta, "alpha", where)
+    if not 0.0 <= alpha < 1.0:
+        raise _fail(where, f"alpha must be in [0, 1), got {_one_line(meta['alpha'])}")
+    teacher_top1: float | None = None
+    if meta["teacher_top1"] != "":
+        teacher_top1 = _parse_float(meta, "teacher_top1", where)
+        if not 0.0 <= teacher_top1 <= 1.0:
+            raise _fail(where, f"teacher_top1 must be in [0, 1] or empty, got {_one_line(meta['teacher_top1'])}")
+    if meta["source"] not in SOURCES:
+        raise _fail(where, f"source {_one_line(meta['source'])} is not one of {', '.join(SOURCES)}")
+    if _parse_created(meta["created"]) is None:
+        raise _fail(where, f"created {_one_line(meta['created'])} is not an ISO 8601 timestamp")
+    return {
+        "class_names": tuple(names),
+        "alpha": alpha,
+        "source": meta["source"],
+        "dataset": meta["dataset"],
+        "teacher_model": meta["teacher_model"],
+        "teacher_top1": teacher_top1,
+        "toolkit_version": meta["toolkit_version"],
+        "created": meta["created"],
+        "extra": {key: value for key, value in meta.items() if key not in REQUIRED_KEYS},
+    }
+
+
+_DTYPE_NAMES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
+
+
+def load_cmatrix(path: str | os.PathLike, expected_class_names: Sequence[str] | None = None) -> CMatrix:
+    """Read and fully check a `cmatrix.safetensors` file (never executes code from it).
+
+    With `expected_class_names` (a dataset's classes) the file's classes must match them exactly.
+    """
+    where = str(path)
+    file = Path(path)
+    if not file.exists():
+        raise _fail(where, "file not found")
+    if file.is_dir():
+        raise _fail(where, "is a directory, not a cmatrix.safetensors file")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as reader:
+            meta = reader.metadata()
+            parsed = _parse_metadata(meta, where)
+            k = len(parsed["class_names"])
+            keys = set(reader.keys())
+            tensors: dict[str, torch.Tensor] = {}
+            for name, shape in ((TENSOR_PROBS, (k, k)), (TENSOR_LOGITS, (k, k - 1))):
+                if name not in keys:
+                    raise _fail(where, f"tensor '{name}' is missing")
+                tensor_slice = reader.get_slice(name)
+                dtype = str(tensor_slice.get_dtype())
+                if dtype != "F32":
+                    raise _fail(where, f"tensor '{name}' has dtype {_DTYPE_NAMES.get(dtype, dtype)}, expected float32")
+                got = tuple(tensor_slice.get_shape())
+                if got != shape:
+                    raise _fail(where, f"tensor '{name}' has shape {got}, expected {shape} for K={k}")
+                tensors[name] = reader.get_tensor(name)
+    except CMatrixError:
+        raise
+    except PermissionError as exc:
+        raise _fail(where, f"cannot read the file: {exc.strerror or 'permission denied'}") from exc
+    except Exception as exc:  # whatever safetensors raises on a bad file (SafetensorError), and OSError
+        raise _fail(where, "not a valid safetensors file (truncated or corrupt?)") from exc
+
+    cm = CMatrix(probs=tensors[TENSOR_PROBS], logits=tensors[TENSOR_LOGITS], **parsed)
+    validate(cm, where)
+    if expected_class_names is not None:
+        check_class_names(cm, expected_class_names, where)
+    return cm
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+
+
+def remap_by_name(cm: CMatrix, class_names: Sequence[str]) -> CMatrix:
+    """Re-order rows and columns (probs and logits alike) to `class_names`, the same set of names."""
+    target = tuple(class_names)
+    if target == cm.class_names:
+        return cm
+    if len(target) != cm.num_classes or set(target) != set(cm.class_names) or len(set(target)) != len(target):
+        check_class_names(cm, target, "remap by name")  # explains count or name differences
+        raise _fail("remap by name", "class names must be the same set of unique names as the C-matrix's")
+    index = {name: i for i, name in enumerate(cm.class_names)}
+    perm = torch.tensor([index[name] for name in target], dtype=torch.long)
+    probs = cm.probs[perm][:, perm].contiguous()
+    # The diagonal entry of row a lands on the diagonal of the new row a, so dropping it again
+    # leaves each row's off-diagonal logits in the new column order.
+    full_logits = insert_diagonal(cm.logits, 0.0)
+    logits = remove_diagonal(full_logits[perm][:, perm].contiguous()).contiguous()
+    extra = dict(cm.extra)
+    if cm.source != "remap":
+        extra["parent_source"] = cm.source
+        extra["parent_created"] = cm.created
+    return replace(cm, probs=probs, logits=logits, class_names=target, source="remap", created=_now_utc(), extra=extra)
+
+
+def top_neighbours(cm: CMatrix, top: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:
+    """For each class, its `top` most similar other classes with their probabilities, descending."""
+    if top < 1:
+        raise CMatrixError(f"top must be at least 1, got {top}")
+    k = cm.num_classes
+    count = min(top, k - 1)
+    off = remove_diagonal(cm.probs.detach().cpu().float())
+    result: list[tuple[str, list[tuple[str, float]]]] = []
+    for i, name in enumerate(cm.class_names):
+        values, order = torch.sort(off[i], descending=True, stable=True)
+        neighbours = []
+        for value, j in zip(values[:count].tolist(), order[:count].tolist()):
+            column = j if j < i else j + 1  # undo the removed diagonal
+            neighbours.append((cm.class_names[column], float(value)))
+        result.append((name, neighbours))
+    return result
+
+
+def format_show(cm: CMatrix, top: int = 3) -> str:
+    """Human-readable summary for `kd cmatrix show`: a header line, then one line per class."""
+    teacher = cm.teacher_model or "unknown"
+    if cm.teacher_top1 is not None:
+        teacher += f" (top-1 {cm.teacher_top1:.4f})"
+    header = (
+        f"C-matrix: K={cm.num_classes}  source={cm.source}  dataset={cm.dataset or 'unknown'}  "
+        f"teacher={teacher}  alpha={float(cm.alpha):g}  created={cm.created}"
+    )
+    rows = top_neighbours(cm, top)
+    width = max(len(name) for name, _ in rows)
+    lines = [header]
+    for name, neighbours in rows:
+        listed = ", ".join(f"{other} {p:.3f}" for other, p in neighbours)
+        lines.append(f"{name:<{width}} -> {listed}")
+    return "\n".join(lines)
