@@ -1,0 +1,500 @@
+"""kd.datasets: every dataset name to class names plus in-memory uint8 tensors or a streaming Dataset."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kd.datasets as kdd
+from kd.datasets import DATASET_NAMES, ImageDataset, InMemorySplit, load_dataset
+from kd.errors import KDError
+
+CIFAR10_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.zip"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def write_image(path: Path, pixels: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode).save(path) if mode else Image.fromarray(pixels).save(path)
+
+
+def make_tree(root: Path, mode: str = "RGB", classes=("cat", "ant", "bee"), per_class: int = 3, size: int = 6,
+              test_name: str = "test") -> dict[str, int]:
+    """A tree whose every image of class k is filled with the value 30 + 60 * k (k in creation order)."""
+    values = {}
+    for k, name in enumerate(classes):
+        values[name] = 30 + 60 * k
+        for split in ("train", test_name):
+            for i in range(per_class):
+                shape = (size, size) if mode == "L" else (size, size, 3)
+                pixels = np.full(shape, values[name], dtype=np.uint8)
+                pixels[0, 0] = 255  # not constant, so std is not zero
+                write_image(root / split / name / f"{i:03d}.png", pixels, "L" if mode == "L" else "RGB")
+    return values
+
+
+def assert_one_line_kderror(excinfo: pytest.ExceptionInfo, *needles: str) -> str:
+    message = str(excinfo.value)
+    assert isinstance(excinfo.value, KDError)
+    assert "\n" not in message and message.strip() == message and message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+    return message
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any connection attempt, and record that it was made."""
+    attempts: list[object] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_shapes_values_and_description():
+    data = load_dataset("digits")
+    assert isinstance(data, ImageDataset) and data.in_memory
+    assert isinstance(data.train, InMemorySplit) and isinstance(data.test, InMemorySplit)
+    assert data.train.images.shape == (1437, 1, 8, 8) and data.test.images.shape == (360, 1, 8, 8)
+    assert data.train.images.dtype == torch.uint8 and data.train.images.is_contiguous()
+    assert data.train.labels.dtype == torch.int64 and data.test.labels.shape == (360,)
+    assert data.class_names == [str(d) for d in range(10)] and data.num_classes == 10
+    assert (data.channels, data.image_size, data.hflip, data.crop_padding) == (1, 8, False, 1)
+    assert int(torch.cat([data.train.images, data.test.images]).max()) == 255
+    assert int(data.train.images.min()) == 0
+    description = data.describe()
+    assert "\n" not in description
+    for part in ("digits", "10", "1437", "360", "1x8x8", "in memory"):
+        assert part in description
+
+
+def test_digits_split_is_the_stratified_sklearn_split_and_deterministic():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data, again = load_dataset("digits"), load_dataset("digits")
+    assert torch.equal(data.train.images, again.train.images) and torch.equal(data.test.labels, again.test.labels)
+
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
+    expected = np.rint(x_test * 255 / 16).astype(np.uint8)
+    assert np.array_equal(data.test.images[:, 0].numpy(), expected)
+    assert np.array_equal(data.train.labels.numpy(), y_train) and np.array_equal(data.test.labels.numpy(), y_test)
+    # stratified: every class keeps its share of the test split (within one image)
+    totals = np.bincount(digits.target, minlength=10)
+    test_counts = np.bincount(data.test.labels.numpy(), minlength=10)
+    assert np.all(np.abs(test_counts - 0.2 * totals) <= 1)
+
+
+def test_digits_mean_std_are_computed_from_training_images():
+    data = load_dataset("digits")
+    pixels = data.train.images.double() / 255
+    assert data.mean == pytest.approx((pixels.mean().item(),), abs=1e-9)
+    assert data.std == pytest.approx((pixels.std(unbiased=False).item(),), abs=1e-9)
+
+
+def test_digits_resized_on_request():
+    data = load_dataset("digits", image_size=16)
+    assert data.train.images.shape == (1437, 1, 16, 16) and data.image_size == 16
+    assert data.crop_padding == 2
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("digits", image_size=64, max_in_memory_bytes=1000)
+    assert_one_line_kderror(excinfo, "digits", "--image-size")
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagenet21k")
+    assert_one_line_kderror(excinfo, "imagenet21k", *DATASET_NAMES)
+
+
+def test_names_are_case_and_dash_insensitive():
+    assert load_dataset("Digits").name == "digits"
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("Fashion-MNIST")  # resolves to fashionmnist, which needs a directory
+    assert_one_line_kderror(excinfo, "--data-dir")
+
+
+# ----------------------------------------------------------------------------- imagefolder, in memory
+
+
+def test_imagefolder_rgb_labels_follow_sorted_folder_names(tmp_path):
+    values = make_tree(tmp_path / "pets")
+    data = load_dataset("imagefolder", tmp_path / "pets")
+    assert data.name == "imagefolder:pets" and data.in_memory
+    assert data.class_names == ["ant", "bee", "cat"]
+    assert (data.channels, data.image_size, data.hflip, data.crop_padding) == (3, 6, True, 1)
+    assert data.train.images.shape == (9, 3, 6, 6) and data.test.images.shape == (9, 3, 6, 6)
+    assert data.train.images.dtype == torch.uint8 and data.train.labels.dtype == torch.int64
+    for split in (data.train, data.test):
+        for image, label in zip(split.images, split.labels):
+            assert int(image[0, 3, 3]) == values[data.class_names[int(label)]]
+    assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_imagefolder_mean_std_match_the_training_pixels(tmp_path):
+    make_tree(tmp_path)
+    data = load_dataset("imagefolder", tmp_path)
+    pixels = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "train").rglob("*.png"))]) / 255.0
+    assert data.mean == pytest.approx(tuple(pixels.mean(axis=(0, 1, 2))), abs=1e-9)
+    assert data.std == pytest.approx(tuple(pixels.std(axis=(0, 1, 2))), abs=1e-9)
+    assert all(0 < m < 1 for m in data.mean) and all(0 < s < 0.5 for s in data.std)
+
+
+def test_imagefolder_grayscale_gives_one_channel(tmp_path):
+    values = make_tree(tmp_path, mode="L")
+    data = load_dataset("imagefolder", tmp_path)
+    assert data.channels == 1 and data.train.images.shape == (9, 1, 6, 6)
+    assert len(data.mean) == 1 and len(data.std) == 1
+    assert int(data.train.images[0, 0, 3, 3]) == values["ant"]
+
+
+def test_imagefolder_val_is_accepted_without_test(tmp_path):
+    make_tree(tmp_path, test_name="val")
+    data = load_dataset("imagefolder", tmp_path)
+    assert len(data.test) == 9 and data.class_names == ["ant", "bee", "cat"]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_imagefolder_rgba_and_palette_become_rgb(tmp_path, mode):
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            image = Image.new("RGB", (5, 5), (200, 100, 50)).convert(mode)
+            path = tmp_path / split / name / "x.png"
+            path.parent.mkdir(parents=True)
+            image.save(path)
+    data = load_dataset("imagefolder", tmp_path)
+    assert data.channels == 3 and data.train.images.shape == (2, 3, 5, 5)
+    expected = np.asarray(Image.open(tmp_path / "train" / "a" / "x.png").convert("RGB"))  # P: a web-palette colour
+    assert data.train.images[0].permute(1, 2, 0).numpy().tolist() == expected.tolist()
+    assert abs(int(data.train.images[0, 0, 2, 2]) - 200) <= 5 and abs(int(data.train.images[0, 2, 2, 2]) - 50) <= 5
+
+
+def test_imagefolder_sixteen_bit_gray_is_one_channel_scaled_to_8_bits(tmp_path):
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            path = tmp_path / split / name / "x.png"
+            path.parent.mkdir(parents=True)
+            pixels = np.full((4, 4), 128 * 257, dtype=np.uint16)
+            pixels[0, 0] = 65535
+            Image.fromarray(pixels).save(path)
+    data = load_dataset("imagefolder", tmp_path)
+    assert data.channels == 1 and data.train.images.shape == (2, 1, 4, 4)
+    assert int(data.train.images[0, 0, 2, 2]) == 128 and int(data.train.images[0, 0, 0, 0]) == 255
+
+
+def test_imagefolder_size_from_first_image_and_other_sizes_resized(tmp_path):
+    for split in ("train", "test"):
+        write_image(tmp_path / split / "a" / "0.png", np.full((6, 10, 3), 90, np.uint8))  # first: 10 wide, 6 high
+        write_image(tmp_path / split / "b" / "0.png", np.full((20, 20, 3), 170, np.uint8))
+    data = load_dataset("imagefolder", tmp_path)
+    assert data.image_size == 10 and data.train.images.shape == (2, 3, 10, 10)
+    assert int(data.train.images[1].min()) == 170 and int(data.train.images[0].max()) == 90
+    smaller = load_dataset("imagefolder", tmp_path, image_size=4)
+    assert smaller.train.images.shape == (2, 3, 4, 4) and smaller.in_memory
+
+
+def test_parallel_decoding_matches_single_chunk(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for name in ("a", "b", "c"):
+            for i in range(7):
+                write_image(tmp_path / split / name / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    whole = load_dataset("imagefolder", tmp_path)
+    monkeypatch.setattr(kdd, "_MIN_CHUNK", 2)
+    monkeypatch.setattr(kdd, "_MAX_CHUNK", 2)  # 11 chunks: DataLoader worker processes do the decoding
+    chunked = load_dataset("imagefolder", tmp_path)
+    assert torch.equal(whole.train.images, chunked.train.images)
+    assert torch.equal(whole.test.labels, chunked.test.labels)
+
+
+# ----------------------------------------------------------------------------- real data: CIFAR-10 JPEGs
+
+
+@pytest.fixture(scope="module")
+def cifar10_small(tmp_path_factory) -> Path:
+    """The first 10 train and 5 test images of every class of the shared CIFAR-10 JPEG zip."""
+    if not CIFAR10_ZIP.exists():
+        pytest.skip(f"CIFAR-10 JPEG copy not found at {CIFAR10_ZIP}")
+    dest = tmp_path_factory.mktemp("cifar10")
+    wanted = {"train": 10, "test": 5}
+    taken: dict[tuple[str, str], int] = {}
+    with zipfile.ZipFile(CIFAR10_ZIP) as archive:
+        for info in archive.infolist():
+            parts = Path(info.filename).parts
+            if info.is_dir() or len(parts) < 3 or parts[-3] not in wanted:
+                continue
+            key = (parts[-3], parts[-2])
+            if taken.get(key, 0) < wanted[parts[-3]]:
+                taken[key] = taken.get(key, 0) + 1
+                target = dest / parts[-3] / parts[-2] / parts[-1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(info))
+    return dest
+
+
+def test_cifar10_jpeg_subset_matches_pil(cifar10_small, monkeypatch):
+    monkeypatch.setattr(kdd, "_MIN_CHUNK", 16)
+    monkeypatch.setattr(kdd, "_MAX_CHUNK", 16)  # several chunks, so worker processes take part
+    data = load_dataset("imagefolder", cifar10_small)
+    assert data.class_names == CIFAR10_CLASSES
+    assert (data.channels, data.image_size, data.in_memory, data.crop_padding) == (3, 32, True, 4)
+    assert data.train.images.shape == (100, 3, 32, 32) and data.test.images.shape == (50, 3, 32, 32)
+    assert torch.bincount(data.train.labels).tolist() == [10] * 10
+    files = [p for c in CIFAR10_CLASSES for p in sorted((cifar10_small / "train" / c).iterdir())]
+    for index in range(0, 100, 7):
+        expected = torch.from_numpy(np.array(Image.open(files[index]).convert("RGB"))).permute(2, 0, 1)
+        assert int(data.train.labels[index]) == CIFAR10_CLASSES.index(files[index].parent.name)
+        assert (data.train.images[index].float() - expected.float()).abs().mean() < 2
+    assert all(0.3 < m < 0.7 for m in data.mean) and all(0.15 < s < 0.35 for s in data.std)
+
+
+def test_cifar10_jpeg_subset_streams(cifar10_small):
+    data = load_dataset("imagefolder", cifar10_small, image_size=96)
+    assert not data.in_memory and data.image_size == 96 and len(data.train) == 100 and len(data.test) == 50
+    image, label = data.test[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 96, 96) and label == 0
+
+
+# ----------------------------------------------------------------------------- imagefolder, streaming
+
+
+def test_streaming_when_over_the_memory_limit(tmp_path):
+    values = make_tree(tmp_path, size=10)
+    data = load_dataset("imagefolder", tmp_path, max_in_memory_bytes=100)
+    assert not data.in_memory and isinstance(data.train, torch.utils.data.Dataset)
+    assert (data.hflip, data.crop_padding, data.mean, data.std) == (True, 0, kdd.IMAGENET_MEAN, kdd.IMAGENET_STD)
+    assert len(data.train) == 9 and len(data.test) == 9 and data.num_classes == 3
+    for split in (data.train, data.test):
+        image, label = split[4]
+        assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 10, 10) and isinstance(label, int)
+        assert data.class_names[label] == "bee" and int(image[:, 5, 5].min()) >= values["bee"] - 10
+    assert "streaming" in data.describe()
+    clone = pickle.loads(pickle.dumps(data.train))  # DataLoader workers started by spawn need this
+    assert clone[0][0].shape == (3, 10, 10)
+
+
+def test_streaming_when_larger_than_64_and_grayscale(tmp_path):
+    make_tree(tmp_path, mode="L", size=8)
+    data = load_dataset("imagefolder", tmp_path, image_size=72)
+    assert not data.in_memory and data.image_size == 72 and data.channels == 1
+    assert (data.mean, data.std) == (kdd.GRAY_MEAN, kdd.GRAY_STD)
+    for split in (data.train, data.test):
+        image, _ = split[0]
+        assert image.dtype == torch.uint8 and tuple(image.shape) == (1, 72, 72)
+
+
+def test_streaming_corrupt_image_is_named_when_read(tmp_path):
+    make_tree(tmp_path)
+    bad = tmp_path / "train" / "cat" / "zzz.png"
+    bad.write_bytes(b"not an image at all")
+    data = load_dataset("imagefolder", tmp_path, max_in_memory_bytes=1)
+    with pytest.raises(KDError) as excinfo:
+        data.train[len(data.train) - 1]
+    assert_one_line_kderror(excinfo, "zzz.png")
+
+
+# ----------------------------------------------------------------------------- imagefolder errors
+
+
+def test_error_directory_not_found(tmp_path):
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagefolder", tmp_path / "nowhere")
+    assert_one_line_kderror(excinfo, "data directory not found", "nowhere")
+
+
+def test_error_no_directory_given():
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagefolder")
+    assert_one_line_kderror(excinfo, "imagefolder", "--data-dir")
+
+
+def test_error_directory_empty(tmp_path):
+    (tmp_path / "hollow").mkdir()
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagefolder", tmp_path / "hollow")
+    assert_one_line_kderror(excinfo, "empty", "hollow")
+
+
+def test_error_missing_train(tmp_path):
+    make_tree(tmp_path)
+    (tmp_path / "train").rename(tmp_path / "training")
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagefolder", tmp_path)
+    assert_one_line_kderror(excinfo, "train/", str(tmp_path))
+
+
+def test_error_missing_test_and_val(tmp_path):
+    make_tree(tmp_path)
+    (tmp_path / "test").rename(tmp_path / "holdout")
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagefolder", tmp_path)
+    assert_one_line_kderror(excinfo, "test/", "val/", str(tmp_path))
+
+
+def test_error_no_class_folders(tmp_path):
+    make_tree(tmp_path)
+    for folder in (tmp_path / "train").iterdir():
+        folder.rename(tmp_path / f"moved-{folder.name}")
+    (tmp_path / "train" / "loose.png").write_bytes(b"x")
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagefolder", tmp_path)
+    assert_one_line_kderror(excinfo, "no class folders", str(tmp_path / "train"))
+
+
+def test_error_class_folder_without_images(tmp_path):
+    make_tree(tmp_path)
+    for image in (tmp_path / "test" / "bee").iterdir():
+        image.unlink()
+    (tmp_path / "test" / "bee" / "notes.txt").write_text("no images here")
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagefolder", tmp_path)
+    assert_one_line_kderror(excinfo, "no images", str(tmp_path / "test" / "bee"))
+
+
+def test_error_class_sets_differ(tmp_path):
+    make_tree(tmp_path)
+    (tmp_path / "test" / "bee").rename(tmp_path / "test" / "wasp")
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagefolder", tmp_path)
+    message = assert_one_line_kderror(excinfo, "bee", "wasp", "differ")
+    assert "ant" not in message and "cat" not in message  # only what differs is named
+
+
+@pytest.mark.parametrize("relative", ["ant/000.png", "bee/zzz.png"])  # the first image (probed), a later one
+def test_error_corrupt_image_names_the_file(tmp_path, monkeypatch, relative):
+    make_tree(tmp_path)
+    (tmp_path / "train" / relative).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    monkeypatch.setattr(kdd, "_MIN_CHUNK", 2)
+    monkeypatch.setattr(kdd, "_MAX_CHUNK", 2)  # decoded by worker processes
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagefolder", tmp_path)
+    assert_one_line_kderror(excinfo, "cannot read image", str(tmp_path / "train" / relative))
+
+
+def test_error_truncated_jpeg_names_the_file(tmp_path):
+    make_tree(tmp_path)
+    buffer = tmp_path / "full.jpg"
+    Image.fromarray(np.full((6, 6, 3), 99, np.uint8)).save(buffer, quality=90)
+    (tmp_path / "test" / "cat" / "short.jpg").write_bytes(buffer.read_bytes()[:-40])
+    buffer.unlink()
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("imagefolder", tmp_path)
+    assert_one_line_kderror(excinfo, "short.jpg")
+
+
+def test_error_bad_image_size(tmp_path):
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("digits", image_size=0)
+    assert_one_line_kderror(excinfo, "image size")
+
+
+# ----------------------------------------------------------------------------- torchvision datasets
+
+
+TORCHVISION_NAMES = [("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"), ("mnist", "MNIST"),
+                     ("fashionmnist", "Fashion-MNIST"), ("svhn", "SVHN")]
+
+
+@pytest.mark.parametrize("name,display", TORCHVISION_NAMES)
+def test_torchvision_dataset_without_data_dir(name, display):
+    with pytest.raises(KDError) as excinfo:
+        load_dataset(name)
+    assert_one_line_kderror(excinfo, "--data-dir", name)
+
+
+@pytest.mark.parametrize("name,display", TORCHVISION_NAMES)
+def test_torchvision_dataset_missing_without_download(tmp_path, no_network, name, display):
+    with pytest.raises(KDError) as excinfo:
+        load_dataset(name, tmp_path / "data", download=False)
+    message = assert_one_line_kderror(excinfo, f"no {display} data under", str(tmp_path / "data"), "--download")
+    assert message.endswith("point --data-dir at it")
+    assert no_network == []  # nothing tried to connect
+    assert not (tmp_path / "data").exists()
+
+
+def test_torchvision_download_failure_is_one_line(tmp_path, no_network):
+    with pytest.raises(KDError) as excinfo:
+        load_dataset("mnist", tmp_path, download=True)
+    assert_one_line_kderror(excinfo, "could not download MNIST", str(tmp_path))
+    assert no_network  # it did try (and was refused)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">I", 0x0800 + array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("name,folder,hflip", [("mnist", "MNIST", False), ("fashionmnist", "FashionMNIST", True)])
+def test_mnist_style_files_load_as_n_1_28_28(tmp_path, name, folder, hflip):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / folder / "raw"
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    data = load_dataset(name, tmp_path)
+    assert data.train.images.shape == (30, 1, 28, 28) and data.test.images.shape == (10, 1, 28, 28)
+    assert data.train.images.dtype == torch.uint8 and data.train.labels.tolist() == [i % 10 for i in range(30)]
+    assert (data.channels, data.image_size, data.hflip, data.crop_padding, data.num_classes) == (1, 28, hflip, 2, 10)
+    assert data.train.images.is_contiguous()
+
+
+class _FakeCifar:
+    classes = ["c0", "c1"]
+
+    def __init__(self, root, train=True, download=False):
+        n = 4 if train else 2
+        self.data = np.zeros((n, 32, 32, 3), dtype=np.uint8)  # N x H x W x C, like torchvision's CIFAR
+        self.data[:, 1, 2, 0] = 200  # red channel of row 1, column 2
+        self.targets = [i % 2 for i in range(n)]
+
+
+class _FakeSvhn:
+    def __init__(self, root, split="train", download=False):
+        n = 5 if split == "train" else 3
+        self.data = np.zeros((n, 3, 32, 32), dtype=np.uint8)  # N x C x H x W, like torchvision's SVHN
+        self.data[:, 2, 1, 2] = 77
+        self.labels = np.arange(n) % 10
+
+
+def test_cifar_layout_is_converted_to_nchw(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _FakeCifar)
+    data = load_dataset("cifar10", tmp_path)
+    assert data.train.images.shape == (4, 3, 32, 32) and data.train.images.is_contiguous()
+    assert int(data.train.images[0, 0, 1, 2]) == 200 and int(data.train.images[0, 1:].max()) == 0
+    assert data.class_names == ["c0", "c1"] and (data.hflip, data.crop_padding) == (True, 4)
+
+
+def test_svhn_uses_labels_and_digit_names(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", _FakeSvhn)
+    data = load_dataset("svhn", tmp_path)
+    assert data.train.images.shape == (5, 3, 32, 32) and data.test.images.shape == (3, 3, 32, 32)
+    assert int(data.train.images[0, 2, 1, 2]) == 77 and data.train.labels.dtype == torch.int64
+    assert data.class_names == [str(d) for d in range(10)] and (data.hflip, data.crop_padding) == (False, 4)
