@@ -1,0 +1,96 @@
+"""The `kd` command line: parses flags and calls a stage or the library; no training logic here."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import click
+
+import kd
+from kd.errors import KDError
+
+DATASET_HELP = (
+    "digits (built in, the default), cifar10, cifar100, mnist, fashionmnist, svhn (torchvision, "
+    "read from --data-dir), or imagefolder (--data-dir holding train/<class>/* and test/<class>/* or val/<class>/*)."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(kd.__version__, prog_name="kd")
+def cli() -> None:
+    """Knowledge distillation with Label Smoothing++: train teachers, share C-matrices, distill students."""
+
+
+@cli.command("train-teacher")
+@click.option("--dataset", default="digits", show_default=True, help=DATASET_HELP)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Dataset root (torchvision datasets, imagefolder).")
+@click.option("--download", is_flag=True, help="Let torchvision download the dataset into --data-dir if it is missing.")
+@click.option(
+    "--model", default="small_cnn", show_default=True,
+    help="small_cnn, lenet, alexnet, cifar_resnet18/34/50/101, or any timm model name (random init).",
+)
+@click.option(
+    "--method", type=click.Choice(["onehot", "ls", "lspp"]), default="lspp", show_default=True,
+    help="Targets: 1-hot, label smoothing, or LS++ (learned C-matrix, exported as cmatrix.safetensors).",
+)
+@click.option("--alpha", type=float, default=0.1, show_default=True, help="Smoothing mass a in [0, 1) for ls and lspp.")
+@click.option("--epochs", type=int, default=30, show_default=True, help="Training epochs.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size per process.")
+@click.option("--lr", type=float, default=0.05, show_default=True, help="Peak learning rate (SGD, Nesterov momentum 0.9, warm-up + cosine).")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="Weight decay (not on biases, norms or the C logits).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (initialisation, shuffling, augmentation).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (smoke runs, benchmarks).")
+@click.option("--image-size", type=int, default=None, help="Side length the model sees (default: the dataset's own size).")
+@click.option("--out", required=True, type=click.Path(), help="Run directory to create (model, cmatrix, config, metrics).")
+@click.option("--overwrite", is_flag=True, help="Replace the run in an existing non-empty --out.")
+@click.option(
+    "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
+    help="Passed to Accelerate; the LS++ loss and C-matrix stay in float32.",
+)
+def train_teacher_command(**options) -> None:
+    """Train a teacher network (with LS++ by default) and export its cmatrix.safetensors."""
+    from teachers.train import TeacherConfig, train_teacher
+
+    train_teacher(TeacherConfig(**options))
+
+
+@cli.group("cmatrix")
+def cmatrix_group() -> None:
+    """Inspect and work with C-matrix files (cmatrix.safetensors)."""
+
+
+@cmatrix_group.command("show")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours shown per class.")
+def cmatrix_show_command(file: str, top: int) -> None:
+    """Print, for each class, its top non-target classes and their probabilities."""
+    from kd.cmatrix import format_show, load_cmatrix
+
+    click.echo(format_show(load_cmatrix(file), top=top))
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    try:
+        code = cli.main(args=list(argv) if argv is not None else None, prog_name="kd", standalone_mode=False)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except click.Abort:
+        click.echo("kd: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        click.echo(f"kd: error: {_one_line(error.format_message())}", err=True)
+        sys.exit(error.exit_code)
+    except KDError as error:
+        click.echo(f"kd: error: {_one_line(str(error))}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

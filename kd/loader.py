@@ -1,0 +1,193 @@
+"""Batches for the training engine: sharded per process, augmented and normalised on the device.
+
+One path for every dataset. Each process gets its own slice of every epoch (`shard_indices`).
+In-memory data (a uint8 tensor, see `kd.datasets.InMemorySplit`) is moved to the device once
+and batches are cut, randomly cropped and flipped there, instead of PIL work per sample per
+epoch. Streaming data (large ImageFolder trees) goes through a DataLoader with workers over
+the same shard, decoding and resizing on the CPU; flip and normalisation still run on the
+device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from kd.datasets import ImageDataset, InMemorySplit
+
+
+def shard_indices(
+    num_samples: int,
+    *,
+    rank: int,
+    world_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's sample indices for one epoch, and which of them are real (not padding).
+
+    Every process gets the same count: the epoch's order (a permutation seeded by seed and
+    epoch, identical on all processes) is padded by wrapping around to a multiple of the world
+    size, then dealt out round-robin. Padding entries are marked invalid so evaluation can
+    drop them after gathering.
+    """
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(num_samples, generator=generator)
+    else:
+        order = torch.arange(num_samples)
+    per_rank = math.ceil(num_samples / world_size)
+    padded_total = per_rank * world_size
+    valid = torch.arange(padded_total) < num_samples
+    order = order.repeat(math.ceil(padded_total / max(num_samples, 1)))[:padded_total]
+    return order[rank::world_size], valid[rank::world_size]
+
+
+class BatchAugment:
+    """Random crop with zero padding and random horizontal flip for a uint8 N x C x H x W batch."""
+
+    def __init__(self, crop_padding: int, hflip: bool, generator: torch.Generator) -> None:
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+        self.generator = generator  # on the batches' device
+
+    def _rand(self, n: int, high: int, device: torch.device) -> torch.Tensor:
+        return torch.randint(0, high, (n,), generator=self.generator, device=device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = images.shape
+        if self.crop_padding > 0:
+            p = self.crop_padding
+            padded = F.pad(images, (p, p, p, p))
+            top = self._rand(n, 2 * p + 1, images.device)
+            left = self._rand(n, 2 * p + 1, images.device)
+            rows = (top[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # N,1,H,1
+            cols = (left[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # N,1,1,W
+            batch = torch.arange(n, device=images.device)[:, None, None, None]
+            channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+            images = padded[batch, channel, rows, cols]
+        if self.hflip:
+            flip = self._rand(n, 2, images.device).bool()[:, None, None, None]
+            images = torch.where(flip, images.flip(3), images)
+        return images
+
+
+class Normalize:
+    """uint8 batch -> float batch, (x / 255 - mean) / std per channel."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device) -> None:
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
+        self.shift = (torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() * self.scale - self.shift
+
+
+class _Subset(Dataset):
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+
+class DeviceBatches:
+    """Iterable over (normalised float images, labels, valid mask) batches on `device`.
+
+    `train=True`: shuffled each epoch (call `set_epoch`), augmented, incomplete last batch
+    dropped. `train=False`: fixed order, no augmentation, every sample exactly once across the
+    processes (padding is flagged invalid in the mask).
+    """
+
+    def __init__(
+        self,
+        data: ImageDataset,
+        split: str,
+        batch_size: int,
+        device: torch.device,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int | None = None,
+    ) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.train = split == "train"
+        self.source = data.train if self.train else data.test
+        self.batch_size = batch_size
+        self.device = device
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+        self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.normalize = Normalize(data.mean, data.std, device)
+        self.generator = torch.Generator(device=device).manual_seed(seed * 7919 + rank)
+        self.augment = (
+            BatchAugment(data.crop_padding if data.in_memory else 0, data.hflip, self.generator)
+            if self.train
+            else None
+        )
+        if isinstance(self.source, InMemorySplit):
+            self._images = self.source.images.to(device)
+            self._labels = self.source.labels.to(device)
+        self.num_samples = len(self.source.labels) if isinstance(self.source, InMemorySplit) else len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return shard_indices(
+            self.num_samples,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle=self.train,
+            seed=self.seed,
+            epoch=self.epoch,
+        )
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(self.num_samples / self.world_size)
+        if self.train:
+            return max(per_rank // self.batch_size, 1)
+        return math.ceil(per_rank / self.batch_size)
+
+    def _uint8_batches(self, indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(self.source, InMemorySplit):
+            indices = indices.to(self.device)
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                yield self._images[chunk], self._labels[chunk]
+            return
+        loader = DataLoader(
+            _Subset(self.source, indices.tolist()),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        indices, valid = self._indices()
+        if self.train:
+            # Whole batches only (a batch of 1 breaks BatchNorm); the epoch's shuffle moves the
+            # dropped remainder around.
+            usable = len(self) * self.batch_size if len(indices) >= self.batch_size else len(indices)
+            indices, valid = indices[:usable], valid[:usable]
+        valid = valid.to(self.device)
+        for batch_number, (images, labels) in enumerate(self._uint8_batches(indices)):
+            if self.augment is not None:
+                images = self.augment(images)
+            start = batch_number * self.batch_size
+            yield self.normalize(images), labels, valid[start : start + len(labels)]

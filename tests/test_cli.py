@@ -1,0 +1,135 @@
+"""`kd` end to end through the installed console script, on tiny real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd.cmatrix import load_cmatrix
+from tests.conftest import make_image_folder
+
+KD = str(Path(sys.executable).with_name("kd"))
+FAST = ["--epochs", "1", "--max-steps", "3", "--batch-size", "16"]
+REQUIRED_METRICS = {
+    "test_top1", "test_nll", "test_ece", "test_mean_confidence", "epochs", "train_seconds",
+    "images_per_second", "num_classes", "class_names", "world_size",
+}
+
+
+def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([KD, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0, result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("kd: error:") and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def read_run(run_dir: Path) -> tuple[dict, dict]:
+    return json.loads((run_dir / "config.json").read_text()), json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_help_explains_every_train_teacher_flag():
+    result = kd("train-teacher", "--help")
+    assert result.returncode == 0
+    for flag in ["--dataset", "--data-dir", "--download", "--model", "--method", "--alpha", "--epochs",
+                 "--batch-size", "--lr", "--weight-decay", "--seed", "--max-steps", "--out",
+                 "--mixed-precision", "--overwrite"]:
+        assert flag in result.stdout
+
+
+def test_train_teacher_on_digits_writes_a_complete_run_directory(tmp_path):
+    out = tmp_path / "teacher"
+    result = kd("train-teacher", "--out", str(out), *FAST)
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "cmatrix.safetensors", "config.json", "metrics.json"}
+    config, metrics = read_run(out)
+    assert REQUIRED_METRICS <= metrics.keys()
+    for name in ("test_top1", "test_ece", "test_mean_confidence"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert metrics["class_names"] == [str(d) for d in range(10)] and metrics["world_size"] == 1
+    assert metrics["steps"] == 3
+    assert config["model"] == "small_cnn" and config["in_channels"] == 1 and config["image_size"] == 8
+    cmatrix = load_cmatrix(out / "cmatrix.safetensors", expected_class_names=metrics["class_names"])
+    assert cmatrix.source == "lspp" and cmatrix.teacher_top1 == pytest.approx(metrics["test_top1"])
+
+    shown = kd("cmatrix", "show", str(out / "cmatrix.safetensors"), "--top", "2")
+    assert shown.returncode == 0 and len(shown.stdout.strip().splitlines()) >= 10
+
+
+def test_onehot_teacher_writes_no_cmatrix(tmp_path):
+    out = tmp_path / "onehot"
+    assert kd("train-teacher", "--method", "onehot", "--out", str(out), *FAST).returncode == 0
+    assert not (out / "cmatrix.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode,channels", [("L", 1), ("RGB", 3)])
+def test_imagefolder_grayscale_and_rgb_train(tmp_path, mode, channels):
+    data = make_image_folder(tmp_path / "data", mode=mode)
+    out = tmp_path / "run"
+    result = kd("train-teacher", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(out), *FAST)
+    assert result.returncode == 0, result.stderr
+    config, metrics = read_run(out)
+    assert config["in_channels"] == channels and metrics["class_names"] == ["ant", "bee", "cat"]
+    assert load_cmatrix(out / "cmatrix.safetensors").num_classes == 3
+
+
+@pytest.mark.slow
+def test_cifar10_copy_trains_alexnet(tmp_path, cifar10_subset):
+    out = tmp_path / "alexnet"
+    result = kd("train-teacher", "--dataset", "imagefolder", "--data-dir", str(cifar10_subset),
+                "--model", "alexnet", "--out", str(out), "--epochs", "1", "--max-steps", "4", "--batch-size", "32")
+    assert result.returncode == 0, result.stderr
+    config, metrics = read_run(out)
+    assert config["in_channels"] == 3 and config["image_size"] == 32
+    assert metrics["class_names"] == sorted(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
+
+
+def test_existing_run_directory_is_refused_without_overwrite(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert_one_line_error(kd("train-teacher", "--out", str(out), *FAST), "--overwrite")
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert kd("train-teacher", "--out", str(out), "--overwrite", *FAST).returncode == 0
+    assert (out / "model.safetensors").exists() and (out / "notes.txt").exists()
+
+
+def test_bad_input_ends_in_one_line_error(tmp_path):
+    out = str(tmp_path / "run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    mismatched = make_image_folder(tmp_path / "mismatched", classes=("ant", "bee"), splits=("train",))
+    make_image_folder(mismatched, classes=("ant", "bee", "cat"), splits=("test",))
+    cases = [
+        (["--dataset", "imagefolder", "--data-dir", str(tmp_path / "missing")], "missing"),
+        (["--dataset", "imagefolder", "--data-dir", str(empty)], "empty"),
+        (["--dataset", "imagefolder", "--data-dir", str(mismatched)], "cat"),
+        (["--dataset", "imagenet-9000"], "imagenet-9000"),
+        (["--model", "no_such_net"], "no_such_net"),
+        (["--alpha", "1.0"], "--alpha"),
+        (["--alpha", "-0.2"], "--alpha"),
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--method", "focal"], "--method"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(kd("train-teacher", "--out", out, *FAST, *args), fragment)
+    assert_one_line_error(kd("train-teacher", "--out", str(a_file / "run"), *FAST), "--out")
+
+
+def test_cmatrix_show_rejects_corrupt_file_in_one_line(tmp_path):
+    broken = tmp_path / "cmatrix.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert_one_line_error(kd("cmatrix", "show", str(broken)), str(broken))
+    assert_one_line_error(kd("cmatrix", "show", str(tmp_path / "absent.safetensors")), "absent.safetensors")

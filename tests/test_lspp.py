@@ -1,0 +1,199 @@
+"""LS++ loss against an independent float64 computation written with explicit loops."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kd.engine import TrainModule, build_optimizer
+from kd.lspp import LSPPLoss, cmatrix_from_logits, insert_diagonal, remove_diagonal
+
+
+def reference_cmatrix(logits: np.ndarray) -> np.ndarray:
+    """C from K x (K-1) logits, by the paper's words: row softmax, then a 0 at the target's position."""
+    k = logits.shape[0]
+    c = np.zeros((k, k))
+    for y in range(k):
+        row = np.exp(logits[y] - logits[y].max())
+        row /= row.sum()
+        others = [j for j in range(k) if j != y]
+        for position, j in enumerate(others):
+            c[y, j] = row[position]
+    return c
+
+
+def reference_targets(labels: np.ndarray, c: np.ndarray, alpha: float) -> np.ndarray:
+    k = c.shape[0]
+    soft = np.eye(k)[labels] if labels.ndim == 1 else labels
+    return (1 - alpha) * soft + alpha * soft @ c
+
+
+def reference_losses(net_logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """(H(t, p), H(p, t)) averaged over the batch, in float64."""
+    shifted = net_logits - net_logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    return float(-(targets * log_p).sum(1).mean()), float(-(p * np.log(targets)).sum(1).mean())
+
+
+def make_case(seed: int, k: int = 6, n: int = 9, c_scale: float = 1.0):
+    generator = torch.Generator().manual_seed(seed)
+    criterion = LSPPLoss(k, alpha=0.1)
+    with torch.no_grad():
+        criterion.logits.copy_(torch.randn(k, k - 1, generator=generator) * c_scale)
+    net_logits = (torch.randn(n, k, generator=generator) * 3).requires_grad_()
+    labels = torch.randint(0, k, (n,), generator=generator)
+    return criterion, net_logits, labels
+
+
+def test_zero_initialised_c_has_uniform_rows_zero_diagonal_and_rows_summing_to_one():
+    c = LSPPLoss(7, alpha=0.1).cmatrix().detach()
+    off_diagonal = ~torch.eye(7, dtype=torch.bool)
+    assert torch.all(c.diagonal() == 0)
+    torch.testing.assert_close(c[off_diagonal], torch.full((42,), 1 / 6))
+    torch.testing.assert_close(c.sum(1), torch.ones(7))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cmatrix_matches_reference_for_learned_logits(seed):
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed)) * 4
+    c = cmatrix_from_logits(logits)
+    np.testing.assert_allclose(c.numpy(), reference_cmatrix(logits.double().numpy()), atol=1e-6)
+    assert torch.all(c.diagonal() == 0)
+    torch.testing.assert_close(c.sum(1), torch.ones(5))
+
+
+def test_insert_and_remove_diagonal_are_inverse():
+    off = torch.arange(20.0).reshape(5, 4)
+    full = insert_diagonal(off, -1.0)
+    assert full.diagonal().tolist() == [-1.0] * 5
+    assert full[2].tolist() == [8.0, 9.0, -1.0, 10.0, 11.0]
+    assert torch.equal(remove_diagonal(full), off)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_loss_value_equals_sum_of_both_cross_entropies(seed):
+    criterion, net_logits, labels = make_case(seed)
+    c = reference_cmatrix(criterion.logits.detach().double().numpy())
+    forward_term, reverse_term = reference_losses(
+        net_logits.detach().double().numpy(), reference_targets(labels.numpy(), c, 0.1)
+    )
+    loss = criterion(net_logits, labels)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(forward_term + reverse_term, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_network_gradient_equals_soft_target_cross_entropy_with_constant_target(seed):
+    criterion, net_logits, labels = make_case(seed)
+    criterion(net_logits, labels).backward()
+
+    c = reference_cmatrix(criterion.logits.detach().double().numpy())
+    constant_target = torch.from_numpy(reference_targets(labels.numpy(), c, 0.1))
+    reference_logits = net_logits.detach().double().requires_grad_()
+    nn.functional.cross_entropy(reference_logits, constant_target).backward()
+    np.testing.assert_allclose(net_logits.grad.numpy(), reference_logits.grad.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_c_gradient_comes_only_from_reverse_term(seed):
+    criterion, net_logits, labels = make_case(seed)
+    criterion(net_logits, labels).backward()
+
+    # Independent reverse term H(p, t) with p a constant, differentiated only through C.
+    c_logits = criterion.logits.detach().double().requires_grad_()
+    k = c_logits.shape[0]
+    rows = []
+    for y in range(k):
+        row_probs = torch.softmax(c_logits[y], dim=0)
+        rows.append(torch.cat([row_probs[:y], row_probs.new_zeros(1), row_probs[y:]]))
+    c = torch.stack(rows)
+    targets = 0.9 * nn.functional.one_hot(labels, k).double() + 0.1 * c[labels]
+    p = torch.softmax(net_logits.detach().double(), dim=1)
+    (-(p * targets.log()).sum(1).mean()).backward()
+    np.testing.assert_allclose(criterion.logits.grad.numpy(), c_logits.grad.numpy(), atol=1e-6)
+
+
+def test_forward_term_alone_would_leave_c_gradient_zero():
+    """The network term is computed from detached targets: its gradient never reaches C."""
+    criterion, net_logits, labels = make_case(0)
+    log_p = torch.log_softmax(net_logits, dim=1)
+    target = criterion.targets(labels)
+    (-(target.detach() * log_p).sum(1).mean()).backward()
+    assert criterion.logits.grad is None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_soft_labels_map_linearly(seed):
+    criterion, _, labels = make_case(seed)
+    k = criterion.num_classes
+    generator = torch.Generator().manual_seed(seed + 10)
+    lam = torch.rand(len(labels), 1, generator=generator)
+    other = torch.randint(0, k, (len(labels),), generator=generator)
+    mixed = lam * nn.functional.one_hot(labels, k) + (1 - lam) * nn.functional.one_hot(other, k)
+    c = criterion.cmatrix().detach()
+    expected = 0.9 * mixed + 0.1 * mixed @ c
+    torch.testing.assert_close(criterion.targets(mixed).detach(), expected, atol=1e-6, rtol=1e-5)
+    # A one-hot distribution gives exactly the hard-label target.
+    torch.testing.assert_close(
+        criterion.targets(nn.functional.one_hot(labels, k).float()).detach(), criterion.targets(labels).detach()
+    )
+
+
+def test_soft_label_loss_matches_reference_and_has_finite_gradients():
+    criterion, net_logits, labels = make_case(3)
+    k = criterion.num_classes
+    soft = nn.functional.one_hot(labels, k).float()  # includes the all -inf column case of s @ C
+    soft[0] = torch.tensor([0.5, 0.5] + [0.0] * (k - 2))
+    loss = criterion(net_logits, soft)
+    c = reference_cmatrix(criterion.logits.detach().double().numpy())
+    forward_term, reverse_term = reference_losses(
+        net_logits.detach().double().numpy(), reference_targets(soft.double().numpy(), c, 0.1)
+    )
+    assert loss.item() == pytest.approx(forward_term + reverse_term, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(criterion.logits.grad).all() and torch.isfinite(net_logits.grad).all()
+
+
+def test_extreme_logits_stay_finite():
+    criterion, net_logits, labels = make_case(1, c_scale=80.0)
+    extreme = (net_logits.detach() * 1e4).requires_grad_()
+    loss = criterion(extreme, labels)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert torch.isfinite(extreme.grad).all() and torch.isfinite(criterion.logits.grad).all()
+
+
+def test_alpha_zero_is_plain_cross_entropy_and_leaves_c_alone():
+    criterion = LSPPLoss(4, alpha=0.0)
+    net_logits = torch.randn(5, 4, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    loss = criterion(net_logits, labels)
+    assert loss.item() == pytest.approx(nn.functional.cross_entropy(net_logits, labels).item(), rel=1e-6)
+    loss.backward()
+    assert torch.count_nonzero(criterion.logits.grad) == 0
+
+
+def test_loss_stays_float32_under_bfloat16_autocast():
+    criterion, net_logits, labels = make_case(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = criterion(net_logits.bfloat16(), labels)
+    assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.0, 1.5])
+def test_rejects_alpha_outside_unit_interval(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        LSPPLoss(3, alpha)
+
+
+def test_c_logits_are_parameters_of_the_prepared_module_without_weight_decay():
+    module = TrainModule(nn.Linear(4, 3), LSPPLoss(3))
+    assert any(p is module.criterion.logits for p in module.parameters())
+    optimizer = build_optimizer(module, lr=0.1, weight_decay=5e-4, momentum=0.9)
+    group_of_c = [g for g in optimizer.param_groups if any(p is module.criterion.logits for p in g["params"])]
+    assert len(group_of_c) == 1 and group_of_c[0]["weight_decay"] == 0.0
+    decayed = [g for g in optimizer.param_groups if g["weight_decay"] > 0]
+    assert any(p is module.net.weight for g in decayed for p in g["params"])
