@@ -180,7 +180,7 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
             progress.update(1)
             if step % _PROGRESS_EVERY == 0 and accelerator.is_main_process:
                 elapsed = train_seconds + time.perf_counter() - started
-                progress.set_postfix(loss=f"{loss_sum.item() / epoch_steps:.4f}", img_s=f"{step * images_per_step / elapsed:.0f}")
+                progress.set_postfix(loss=f"{loss_sum.item() / epoch_steps:.4f}", img_s=f"{step * images_per_step / elapsed:.0f}", refresh=False)
             if step >= total_steps:
                 break
         _synchronize(accelerator.device)

@@ -133,3 +133,14 @@ def test_cmatrix_show_rejects_corrupt_file_in_one_line(tmp_path):
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     assert_one_line_error(kd("cmatrix", "show", str(broken)), str(broken))
     assert_one_line_error(kd("cmatrix", "show", str(tmp_path / "absent.safetensors")), "absent.safetensors")
+
+
+@pytest.mark.slow
+def test_default_run_reaches_95_percent_on_digits_in_under_two_minutes(tmp_path):
+    out = tmp_path / "default"
+    result = kd("train-teacher", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    _, metrics = read_run(out)
+    assert metrics["test_top1"] >= 0.95
+    assert metrics["train_seconds"] < 120
+    assert metrics["epochs"] == 30
