@@ -10,6 +10,7 @@ import click
 import kd
 from cli.cmatrix_commands import cmatrix_group
 from kd.errors import KDError
+from kd.io import write_text_atomic
 
 DATASET_HELP = (
     "digits (built in, the default), cifar10, cifar100, mnist, fashionmnist, svhn (torchvision, "
@@ -23,37 +24,88 @@ def cli() -> None:
     """Knowledge distillation with Label Smoothing++: train teachers, share C-matrices, distill students."""
 
 
+def _apply(options: list) -> callable:
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+# Flags every training command shares: data, model, optimisation, run directory, precision.
+run_options = _apply([
+    click.option("--dataset", default="digits", show_default=True, help=DATASET_HELP),
+    click.option("--data-dir", type=click.Path(file_okay=False), help="Dataset root (torchvision datasets, imagefolder)."),
+    click.option("--download", is_flag=True, help="Let torchvision download the dataset into --data-dir if it is missing."),
+    click.option(
+        "--model", default="small_cnn", show_default=True,
+        help="small_cnn, tiny_cnn, lenet, alexnet, cifar_resnet18/34/50/101, or any timm model name (random init).",
+    ),
+    click.option("--epochs", type=int, default=30, show_default=True, help="Training epochs."),
+    click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size per process."),
+    click.option("--lr", type=float, default=0.05, show_default=True, help="Peak learning rate (SGD, Nesterov momentum 0.9, warm-up + cosine)."),
+    click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="Weight decay (not on biases, norms or the C logits)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Random seed (initialisation, shuffling, augmentation)."),
+    click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (smoke runs, benchmarks)."),
+    click.option("--image-size", type=int, default=None, help="Side length the model sees (default: the dataset's own size)."),
+    click.option("--out", required=True, type=click.Path(), help="Run directory to create (weights, config.json, metrics.json, ...)."),
+    click.option("--overwrite", is_flag=True, help="Replace the run in an existing non-empty --out."),
+    click.option(
+        "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
+        help="Passed to Accelerate; losses and the C-matrix stay in float32.",
+    ),
+])
+
+
 @cli.command("train-teacher")
-@click.option("--dataset", default="digits", show_default=True, help=DATASET_HELP)
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Dataset root (torchvision datasets, imagefolder).")
-@click.option("--download", is_flag=True, help="Let torchvision download the dataset into --data-dir if it is missing.")
-@click.option(
-    "--model", default="small_cnn", show_default=True,
-    help="small_cnn, lenet, alexnet, cifar_resnet18/34/50/101, or any timm model name (random init).",
-)
+@run_options
 @click.option(
     "--method", type=click.Choice(["onehot", "ls", "lspp"]), default="lspp", show_default=True,
     help="Targets: 1-hot, label smoothing, or LS++ (learned C-matrix, exported as cmatrix.safetensors).",
 )
 @click.option("--alpha", type=float, default=0.1, show_default=True, help="Smoothing mass a in [0, 1) for ls and lspp.")
-@click.option("--epochs", type=int, default=30, show_default=True, help="Training epochs.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size per process.")
-@click.option("--lr", type=float, default=0.05, show_default=True, help="Peak learning rate (SGD, Nesterov momentum 0.9, warm-up + cosine).")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="Weight decay (not on biases, norms or the C logits).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (initialisation, shuffling, augmentation).")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (smoke runs, benchmarks).")
-@click.option("--image-size", type=int, default=None, help="Side length the model sees (default: the dataset's own size).")
-@click.option("--out", required=True, type=click.Path(), help="Run directory to create (model, cmatrix, config, metrics).")
-@click.option("--overwrite", is_flag=True, help="Replace the run in an existing non-empty --out.")
-@click.option(
-    "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
-    help="Passed to Accelerate; the LS++ loss and C-matrix stay in float32.",
-)
 def train_teacher_command(**options) -> None:
     """Train a teacher network (with LS++ by default) and export its cmatrix.safetensors."""
     from teachers.train import TeacherConfig, train_teacher
 
     train_teacher(TeacherConfig(**options))
+
+
+@cli.command("distill")
+@run_options
+@click.option("--proxy", type=click.Path(dir_okay=False), help="C-matrix file: proxy-teacher targets (1-a)*onehot + a*C[y], no teacher network.")
+@click.option("--teacher", type=click.Path(file_okay=False), help="Teacher run directory: classic per-sample KD (Hinton).")
+@click.option(
+    "--method", type=click.Choice(["onehot", "ls"]), default="onehot", show_default=True,
+    help="Plain student only (neither --proxy nor --teacher): 1-hot or label smoothing.",
+)
+@click.option("--alpha", type=float, default=None, help="Proxy: mixing mass a (default: the file's alpha). Plain ls: smoothing (default 0.1).")
+@click.option("--remap-by-name", is_flag=True, help="Proxy: re-order the C-matrix's rows and columns to the dataset's class order by name.")
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="KD: softmax temperature T.")
+@click.option("--kd-weight", type=float, default=0.9, show_default=True, help="KD: weight of T^2 * KL(teacher || student).")
+@click.option("--ce-weight", type=float, default=0.1, show_default=True, help="KD: weight of the cross-entropy with the labels.")
+def distill_command(**options) -> None:
+    """Train a student: from a proxy C-matrix (--proxy), a teacher network (--teacher), or plain labels."""
+    from students.distill import StudentConfig, distill
+
+    distill(StudentConfig(**options))
+
+
+@cli.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Also write the table as markdown to this file.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the table as CSV to this file.")
+def compare_command(run_dirs: tuple[str, ...], markdown_path: str | None, csv_path: str | None) -> None:
+    """Compare runs side by side: accuracy, calibration, time and memory."""
+    from kd.report import compare_rows, to_csv, to_markdown, to_text
+
+    rows = compare_rows(run_dirs)
+    click.echo(to_text(rows))
+    if markdown_path:
+        write_text_atomic(markdown_path, to_markdown(rows))
+    if csv_path:
+        write_text_atomic(csv_path, to_csv(rows))
 
 
 cli.add_command(cmatrix_group)

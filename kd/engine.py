@@ -26,25 +26,51 @@ from kd.metrics import classification_metrics
 
 # Reading the loss forces a device sync, so the bar's loss and img/s refresh every few steps.
 _PROGRESS_EVERY = 20
+# The teacher's share of step time is measured on every Nth step only: timing needs device
+# syncs, which would slow a GPU pipeline if done on every step.
+_TIME_TEACHER_EVERY = 5
 
 
 class TrainModule(nn.Module):
-    """The network and its criterion in one module.
+    """The network, its criterion and, for classic KD, a frozen teacher, in one module.
 
     `accelerator.prepare` wraps this whole module, so under DDP the criterion's own
     parameters (the LS++ C logits) have their gradients all-reduced exactly like the
     network's, and under mixed precision the forward runs in autocast (criteria compute
-    their loss in float32 themselves).
+    their loss in float32 themselves). The teacher has no trainable parameters, stays in
+    eval mode and runs under no_grad.
     """
 
-    def __init__(self, net: nn.Module, criterion: nn.Module) -> None:
+    def __init__(self, net: nn.Module, criterion: nn.Module, teacher: nn.Module | None = None) -> None:
         super().__init__()
         self.net = net
         self.criterion = criterion
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.time_teacher = False  # set by the engine on the steps it samples for timing
+        self.teacher_seconds = 0.0
+
+    def train(self, mode: bool = True) -> "TrainModule":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.net(images)
-        return self.criterion(logits, labels), logits
+        if self.teacher is None:
+            return self.criterion(logits, labels), logits
+        if self.time_teacher:
+            _synchronize(images.device)
+            started = time.perf_counter()
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        if self.time_teacher:
+            _synchronize(images.device)
+            self.teacher_seconds += time.perf_counter() - started
+        return self.criterion(logits, labels, teacher_logits), logits
 
     def no_weight_decay(self) -> set[str]:
         names: set[str] = set()
@@ -76,6 +102,7 @@ class FitResult:
     epoch_train_loss: list[float] = field(default_factory=list)
     peak_memory_mb: float = 0.0
     peak_memory_kind: str = ""
+    teacher_forward_share: float | None = None  # classic KD: share of step time in the teacher's forward
 
 
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
@@ -151,6 +178,8 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
     # The scheduler is stepped by hand once per optimizer step: Accelerate's wrapper would
     # step it once per process, but `total_steps` already counts per-process steps.
     module, optimizer = accelerator.prepare(module, optimizer)
+    inner = accelerator.unwrap_model(module)
+    timed_step_seconds = 0.0
 
     images_per_step = config.batch_size * accelerator.num_processes
     progress = tqdm(
@@ -169,11 +198,19 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
         _synchronize(accelerator.device)
         started = time.perf_counter()
         for images, labels, _ in train_batches:
+            timed = inner.teacher is not None and step % _TIME_TEACHER_EVERY == 0
+            if timed:
+                _synchronize(accelerator.device)
+                step_started = time.perf_counter()
+            inner.time_teacher = timed
             loss, _ = module(images, labels)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if timed:
+                _synchronize(accelerator.device)
+                timed_step_seconds += time.perf_counter() - step_started
             loss_sum += loss.detach()
             step += 1
             epoch_steps += 1
@@ -192,8 +229,8 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
             break
     progress.close()
 
-    net = accelerator.unwrap_model(module).net
-    metrics = evaluate(net, data, config.batch_size, accelerator)
+    inner.time_teacher = False
+    metrics = evaluate(inner.net, data, config.batch_size, accelerator)
     memory_mb, memory_kind = peak_memory(accelerator.device)
     return FitResult(
         metrics=metrics,
@@ -204,4 +241,5 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
         epoch_train_loss=epoch_losses,
         peak_memory_mb=memory_mb,
         peak_memory_kind=memory_kind,
+        teacher_forward_share=inner.teacher_seconds / timed_step_seconds if timed_step_seconds > 0 else None,
     )

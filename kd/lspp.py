@@ -91,6 +91,25 @@ def log_targets(labels: torch.Tensor, log_c: torch.Tensor, alpha: float) -> torc
     return torch.logaddexp(log_s + math.log1p(-alpha), log_mixed + math.log(alpha))
 
 
+def mix_targets(labels: torch.Tensor, cmatrix: torch.Tensor, alpha: float) -> torch.Tensor:
+    """t = (1-a) * onehot(y) + a * C[y] for hard labels (N,), (1-a) * s + a * (s @ C) for soft (N, K).
+
+    Computed directly in probability space (exact, no log round trip): this is the proxy
+    teacher's target, where C is a fixed matrix from a file.
+    """
+    num_classes = cmatrix.shape[0]
+    if labels.dim() == 1:
+        return (1.0 - alpha) * F.one_hot(labels.long(), num_classes).to(cmatrix.dtype) + alpha * cmatrix[labels.long()]
+    soft = labels.to(cmatrix.dtype)
+    return (1.0 - alpha) * soft + alpha * (soft @ cmatrix)
+
+
+def soft_target_cross_entropy(net_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """H(t, p) = -sum_k t_k log p_k, batch mean, in float32 with log-softmax (t taken as given)."""
+    with torch.autocast(device_type=net_logits.device.type, enabled=False):
+        return -_xlogy_sum(targets.float(), F.log_softmax(net_logits.float(), dim=1)).mean()
+
+
 def _xlogy_sum(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """sum_k p_k * log q_k per row, with 0 * log 0 = 0 (and no NaN gradient from it)."""
     safe_log_q = torch.where(p > 0, log_q, torch.zeros_like(log_q))
@@ -128,7 +147,7 @@ class LSPPLoss(nn.Module):
         with torch.autocast(device_type=net_logits.device.type, enabled=False):
             log_p = F.log_softmax(net_logits.float(), dim=1)
             log_t = log_targets(labels, log_cmatrix_from_logits(self.logits), self.alpha)
-            network_term = -_xlogy_sum(log_t.detach().exp(), log_p).mean()
+            network_term = soft_target_cross_entropy(net_logits, log_t.detach().exp())
             if self.alpha == 0.0:
                 return network_term + 0.0 * self.logits.sum()  # C is untouched, but stays "used" for DDP
             cmatrix_term = -_xlogy_sum(log_p.detach().exp(), log_t).mean()

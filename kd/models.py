@@ -36,6 +36,7 @@ from kd.errors import KDError
 
 BUILTIN_MODELS: dict[str, str] = {
     "small_cnn": "small 3-layer CNN (32-64-128 channels, ~0.1M params) for tiny images (default)",
+    "tiny_cnn": "the same CNN at a quarter of the width (8-16-32 channels, ~6k params): a small student",
     "lenet": "LeNet-5 style CNN (conv 6/16 5x5, fc 120-84-K), size-agnostic via adaptive pooling",
     "alexnet": "CIFAR-style AlexNet (convs 64-192-384-256-256, 3x3 kernels, dropout classifier)",
     "cifar_resnet18": "torchvision ResNet-18 with a CIFAR stem (3x3 stride-1 conv, no max-pool)",
@@ -53,17 +54,21 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
-def _small_cnn(num_classes: int, in_channels: int) -> nn.Module:
+def _small_cnn(num_classes: int, in_channels: int, width: int = 32) -> nn.Module:
     return nn.Sequential(
-        *_conv_bn_relu(in_channels, 32),
-        *_conv_bn_relu(32, 64),
+        *_conv_bn_relu(in_channels, width),
+        *_conv_bn_relu(width, 2 * width),
         nn.MaxPool2d(2, ceil_mode=True),
-        *_conv_bn_relu(64, 128),
+        *_conv_bn_relu(2 * width, 4 * width),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Dropout(0.2),
-        nn.Linear(128, num_classes),
+        nn.Linear(4 * width, num_classes),
     )
+
+
+def _tiny_cnn(num_classes: int, in_channels: int) -> nn.Module:
+    return _small_cnn(num_classes, in_channels, width=8)
 
 
 def _lenet(num_classes: int, in_channels: int) -> nn.Module:
@@ -125,6 +130,7 @@ def _cifar_resnet(factory: Callable[..., nn.Module]) -> Callable[[int, int], nn.
 
 _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "small_cnn": _small_cnn,
+    "tiny_cnn": _tiny_cnn,
     "lenet": _lenet,
     "alexnet": _alexnet,
     "cifar_resnet18": _cifar_resnet(torchvision.models.resnet18),

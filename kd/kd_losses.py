@@ -1,0 +1,55 @@
+"""Student-stage criteria: the proxy teacher (PT-LS++) and classic per-sample KD (Hinton)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd.lspp import mix_targets, soft_target_cross_entropy
+
+
+class ProxyTeacherLoss(nn.Module):
+    """PT-LS++ (paper section 5.3): cross-entropy against (1-a) * onehot(y) + a * C[y].
+
+    C is a fixed K x K matrix from a C-matrix file (a buffer, not a parameter): the targets
+    are class-level, so no teacher network is loaded or run. Soft label distributions
+    (Mixup/CutMix) go through the same linear map, (1-a) * s + a * (s @ C).
+    """
+
+    def __init__(self, cmatrix: torch.Tensor, alpha: float) -> None:
+        super().__init__()
+        self.register_buffer("cmatrix", cmatrix.detach().float().clone())
+        self.alpha = float(alpha)
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        return mix_targets(labels, self.cmatrix, self.alpha)
+
+    def forward(self, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return soft_target_cross_entropy(student_logits, self.targets(labels))
+
+
+class HintonKDLoss(nn.Module):
+    """ce_weight * CE(s, y) + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T)).
+
+    The weights are named explicitly because torchdistill's and RepDistiller's "alpha" mean
+    opposite things. Computed in float32 even under mixed precision.
+    """
+
+    def __init__(self, temperature: float = 4.0, kd_weight: float = 0.9, ce_weight: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = float(temperature)
+        self.kd_weight = float(kd_weight)
+        self.ce_weight = float(ce_weight)
+
+    def forward(self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=student_logits.device.type, enabled=False):
+            student = student_logits.float()
+            t = self.temperature
+            kl = F.kl_div(
+                F.log_softmax(student / t, dim=1),
+                F.log_softmax(teacher_logits.float() / t, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            return self.ce_weight * F.cross_entropy(student, labels) + self.kd_weight * t * t * kl

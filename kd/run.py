@@ -1,0 +1,150 @@
+"""One way to run a stage: accelerator, run directory, data, model, engine, artifacts.
+
+The teacher and student stages differ only in the criterion (and, for classic KD, a frozen
+teacher network) they hand to `run_stage`; everything else, including which files land in
+the run directory and what `config.json` and `metrics.json` hold, is shared here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+import kd
+from kd.datasets import ImageDataset, load_dataset
+from kd.engine import FitConfig, FitResult, TrainModule, fit
+from kd.errors import KDError
+from kd.io import write_json_atomic
+from kd.models import build_model
+from kd.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, prepare_run_dir, save_model
+
+
+@dataclass
+class RunConfig:
+    """Flags every stage shares (names match the command-line flags)."""
+
+    out: str
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    model: str = "small_cnn"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    seed: int = 0
+    max_steps: int | None = None
+    image_size: int | None = None
+    mixed_precision: str = "no"
+    overwrite: bool = False
+
+
+def check_run_config(config: RunConfig) -> None:
+    """Cheap checks before any data is read, each a one-line `KDError`."""
+    for flag, value in (("--epochs", config.epochs), ("--batch-size", config.batch_size)):
+        if value < 1:
+            raise KDError(f"{flag} must be a positive integer, got {value}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise KDError(f"--max-steps must be a positive integer, got {config.max_steps}")
+    if config.lr <= 0:
+        raise KDError(f"--lr must be positive, got {config.lr}")
+    if config.weight_decay < 0:
+        raise KDError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+
+
+def check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha < 1.0:
+        raise KDError(f"--alpha must be in [0, 1), got {alpha}")
+
+
+@dataclass
+class Objective:
+    """What a stage trains with: the criterion, an optional frozen teacher, and run-card facts."""
+
+    criterion: nn.Module
+    teacher: nn.Module | None = None
+    card: dict[str, Any] | None = None  # merged into config.json and metrics.json (method, target source, ...)
+
+
+def run_stage(
+    stage: str,
+    config: RunConfig,
+    extra_config: dict[str, Any],
+    make_objective: Callable[[ImageDataset], Objective],
+    write_artifacts: Callable[[Path, ImageDataset, Objective, FitResult], None] | None = None,
+) -> Path:
+    """Train `config.model` on `config.dataset` with the stage's objective; write the run directory."""
+    check_run_config(config)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    out = prepare_run_dir(config.out, config.overwrite) if accelerator.is_main_process else Path(config.out)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+
+    data = load_dataset(config.dataset, config.data_dir, download=config.download, image_size=config.image_size)
+    # The student is built before the objective so a teacher's construction does not shift the
+    # random stream: the same seed gives the same initial student in every mode.
+    net = build_model(config.model, data.num_classes, data.channels, data.image_size)
+    objective = make_objective(data)
+    card = {"stage": stage, **(objective.card or {})}
+    run_config = {
+        **asdict(config),
+        **extra_config,
+        **card,
+        "dataset_name": data.name,
+        "num_classes": data.num_classes,
+        "class_names": list(data.class_names),
+        "in_channels": data.channels,
+        "image_size": data.image_size,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "world_size": accelerator.num_processes,
+        "toolkit_version": kd.__version__,
+    }
+    if accelerator.is_main_process:
+        write_json_atomic(out / CONFIG_FILE, run_config)
+        accelerator.print(f"{data.describe()} | {stage} {config.model} | {card.get('method', '')} -> {out}")
+
+    fit_config = FitConfig(
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+        weight_decay=config.weight_decay, seed=config.seed, max_steps=config.max_steps,
+    )
+    module = TrainModule(net, objective.criterion, teacher=objective.teacher)
+    result = fit(module, data, fit_config, accelerator, desc=stage)
+
+    if accelerator.is_main_process:
+        save_model(out / MODEL_FILE, net)
+        if write_artifacts is not None:
+            write_artifacts(out, data, objective, result)
+        metrics = {
+            **card,
+            "model": config.model,
+            **result.metrics,
+            "epochs": result.epochs,
+            "steps": result.steps,
+            "train_seconds": result.train_seconds,
+            "seconds_per_epoch": result.train_seconds / max(result.epochs, 1),
+            "images_per_second": result.images_per_second,
+            "peak_memory_mb": result.peak_memory_mb,
+            "peak_memory_kind": result.peak_memory_kind,
+            "teacher_forward_share": result.teacher_forward_share,
+            "epoch_train_loss": result.epoch_train_loss,
+            "num_classes": data.num_classes,
+            "class_names": list(data.class_names),
+            "world_size": accelerator.num_processes,
+            "mixed_precision": config.mixed_precision,
+            "device": str(accelerator.device),
+        }
+        write_json_atomic(out / METRICS_FILE, metrics)
+        accelerator.print(
+            f"test top-1 {result.metrics['test_top1']:.4f}  NLL {result.metrics['test_nll']:.4f}  "
+            f"ECE {result.metrics['test_ece']:.4f}  in {result.train_seconds:.1f}s "
+            f"({result.images_per_second:.0f} img/s) -> {out}"
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
