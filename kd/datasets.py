@@ -409,7 +409,7 @@ def _decode_all(files: list[str], channels: int, size: int, desc: str) -> torch.
     chunks = _DecodeChunks(files, channels, size, chunk)
     workers = min(4, os.cpu_count() or 1, len(chunks)) if len(chunks) > 1 else 0
     loader = DataLoader(chunks, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity)
-    with tqdm(total=len(files), desc=desc, leave=False, file=sys.stderr, unit="img") as progress:
+    with tqdm(total=len(files), desc=desc, leave=False, file=sys.stderr, unit="img", disable=None) as progress:
         for start, images, failure in loader:
             if failure is not None:
                 index, message = failure
@@ -504,3 +504,28 @@ def _load_imagefolder(data_dir: str | os.PathLike | None, image_size: int | None
         mean=IMAGENET_MEAN if channels == 3 else GRAY_MEAN,
         std=IMAGENET_STD if channels == 3 else GRAY_STD,
     )
+
+
+def dataset_class_names(name: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The class names of dataset `name`, in label order, without decoding ImageFolder images.
+
+    digits: "0".."9"; imagefolder: the sorted class folders of ``data_dir/train``; the
+    torchvision datasets are opened with `load_dataset` (their names live in the data files).
+    """
+    key = "".join(str(name).strip().lower().replace("-", "").replace("_", "").split())
+    if key not in DATASET_NAMES:
+        raise KDError(f"unknown dataset {str(name)!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    if key == "digits":
+        return [str(d) for d in range(10)]
+    if key != "imagefolder":
+        return list(load_dataset(key, data_dir).class_names)
+    if data_dir is None:
+        raise KDError("imagefolder needs --data-dir DIR holding train/<class>/<images>")
+    root = Path(os.path.expanduser(os.fspath(data_dir)))
+    if not root.exists():
+        raise KDError(f"data directory not found: {root}")
+    if not root.is_dir():
+        raise KDError(f"data directory is not a directory: {root}")
+    if not (root / "train").is_dir():
+        raise KDError(f"no train/ folder in {root}; expected train/<class>/<images>")
+    return _class_folders(root / "train")

@@ -103,9 +103,11 @@ class _Subset(Dataset):
 class DeviceBatches:
     """Iterable over (normalised float images, labels, valid mask) batches on `device`.
 
-    `train=True`: shuffled each epoch (call `set_epoch`), augmented, incomplete last batch
-    dropped. `train=False`: fixed order, no augmentation, every sample exactly once across the
-    processes (padding is flagged invalid in the mask).
+    `training=True` (the default for the train split): shuffled each epoch (call
+    `set_epoch`), augmented, incomplete last batch dropped. `training=False` (the default for
+    the test split; also for a pass over the train split, e.g. to estimate a C-matrix): fixed
+    order, no augmentation, every sample exactly once across the processes (padding is
+    flagged invalid in the mask).
     """
 
     def __init__(
@@ -119,11 +121,12 @@ class DeviceBatches:
         world_size: int = 1,
         seed: int = 0,
         num_workers: int | None = None,
+        training: bool | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.train = split == "train"
-        self.source = data.train if self.train else data.test
+        self.train = split == "train" if training is None else training
+        self.source = data.train if split == "train" else data.test
         self.batch_size = batch_size
         self.device = device
         self.rank, self.world_size, self.seed = rank, world_size, seed

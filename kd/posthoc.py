@@ -1,0 +1,45 @@
+"""A C-matrix estimated after the fact from any trained classifier (source = posthoc).
+
+For each true class y: the network's predicted distribution over the other classes
+(p with p_y removed, renormalised), averaged over the training images of class y, with a
+zero diagonal and rows summing to 1. This turns any teacher, including one trained without
+LS++, into a proxy teacher.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from kd.datasets import ImageDataset
+from kd.errors import KDError
+from kd.loader import DeviceBatches
+
+
+@torch.no_grad()
+def estimate_cmatrix(net: nn.Module, data: ImageDataset, batch_size: int, accelerator: Accelerator) -> torch.Tensor:
+    """K x K float32 matrix from one pass over the (un-augmented) training split."""
+    k = data.num_classes
+    batches = DeviceBatches(
+        data, "train", batch_size, accelerator.device, training=False,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+    net = net.to(accelerator.device).eval()
+    sums = torch.zeros(k, k, dtype=torch.float64, device=accelerator.device)
+    counts = torch.zeros(k, dtype=torch.float64, device=accelerator.device)
+    with accelerator.autocast():
+        for images, labels, valid in batches:
+            probs = torch.softmax(net(images).float(), dim=1).double()
+            labels, probs = labels[valid], probs[valid]
+            probs[torch.arange(len(labels), device=probs.device), labels] = 0.0
+            non_target = probs / probs.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+            sums.index_add_(0, labels, non_target)
+            counts += torch.bincount(labels, minlength=k).double()
+    sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
+    empty = [data.class_names[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
+    if empty:
+        raise KDError(f"no training images for class(es) {', '.join(empty[:5])}: cannot estimate their rows")
+    cmatrix = sums / counts[:, None]
+    cmatrix.fill_diagonal_(0.0)
+    return (cmatrix / cmatrix.sum(dim=1, keepdim=True)).float().cpu()
