@@ -1,20 +1,257 @@
-"""`kd cmatrix ...`: inspect and work with C-matrix files (cmatrix.safetensors)."""
+"""`kd cmatrix ...`: inspect, check and transform C-matrix files (cmatrix.safetensors).
+
+Every command reads files with `load_cmatrix` (all format checks, never executes code from the
+file). Commands that write (`subset`, `merge`, `remap`) need `--out`, refuse an existing file
+unless `--overwrite`, write atomically, and record the inputs' SHA-256 in the `sources` metadata.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Sequence
+
 import click
+
+from kd.errors import KDError
+
+FILE = click.Path(dir_okay=False)
+CLASSES_FROM_HELP = (
+    "Where the class names come from: a C-matrix file (its class names), or a dataset name "
+    "(digits, cifar10, cifar100, mnist, fashionmnist, svhn, or imagefolder) read with --data-dir."
+)
+DATA_DIR_HELP = "Dataset root for --classes-from DATASET (torchvision datasets, imagefolder: train/<class>/*)."
+OUT_HELP = "Output C-matrix file to write (refused if it exists, unless --overwrite)."
+OVERWRITE_HELP = "Replace an existing --out file (written atomically: the old file stays if anything fails)."
 
 
 @click.group("cmatrix")
 def cmatrix_group() -> None:
-    """Inspect and work with C-matrix files (cmatrix.safetensors)."""
+    """Inspect, check and transform C-matrix files (cmatrix.safetensors).
+
+    A C-matrix learned on one teacher is a small file anyone can use as a proxy teacher:
+    validate it, restrict it to your classes (subset), re-order it (remap), or average several
+    (merge). The format is specified in docs/cmatrix-format.md.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _classes_from(spec: str, data_dir: str | None) -> list[str]:
+    """Class names from a C-matrix file or a dataset name (see CLASSES_FROM_HELP)."""
+    from kd.cmatrix import load_cmatrix
+
+    path = Path(spec)
+    if path.is_file():
+        return list(load_cmatrix(path).class_names)
+    if path.is_dir():
+        raise KDError(
+            f"--classes-from {spec}: is a directory; for an ImageFolder tree use "
+            f"--classes-from imagefolder --data-dir {spec}"
+        )
+    from kd.datasets import DATASET_NAMES, dataset_class_names
+
+    key = "".join(spec.strip().lower().replace("-", "").replace("_", "").split())
+    if key not in DATASET_NAMES:
+        raise KDError(
+            f"--classes-from {spec}: no such file, and not a dataset name ({', '.join(DATASET_NAMES)})"
+        )
+    return dataset_class_names(spec, data_dir)
+
+
+def _check_out(out: str, overwrite: bool) -> Path:
+    path = Path(out)
+    if path.is_dir():
+        raise KDError(f"--out {out} is a directory; give a file name, e.g. {path / 'cmatrix.safetensors'}")
+    if path.exists() and not overwrite:
+        raise KDError(f"--out {out} already exists; pass --overwrite to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise KDError(f"--out {out}: directory {parent} does not exist")
+    return path
+
+
+def _short(sha: str) -> str:
+    return sha[:12]
+
+
+def _write(out: Path, cm, inputs: Sequence[tuple[str, dict]]) -> None:
+    from kd.cmatrix import save_cmatrix, summary_line
+
+    save_cmatrix(out, cm)
+    origin = ", ".join(f"{path} sha256 {_short(entry['sha256'])}" for path, entry in inputs)
+    click.echo(f"wrote {out}: {summary_line(cm)} (from {origin})")
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+@cmatrix_group.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--classes-from", "classes_from", metavar="FILE_OR_DATASET", help=(
+    "Also require each file's class names to equal these, in order. " + CLASSES_FROM_HELP))
+@click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
+@click.option("--checksum", is_flag=True, help="Append each valid file's SHA-256 (to publish with a shared file).")
+def cmatrix_validate_command(files: tuple[str, ...], classes_from: str | None, data_dir: str | None, checksum: bool) -> None:
+    """Check every FILE against the C-matrix format; one line per file on stdout.
+
+    A valid file prints `OK   FILE: K=.. source=.. dataset=.. teacher=.. alpha=..`, an invalid
+    one `FAIL FILE: <reason>`. All files are checked; the exit status is 1 if any failed.
+    """
+    from kd.cmatrix import CMatrixError, check_class_names, file_sha256, load_cmatrix, summary_line
+
+    expected = _classes_from(classes_from, data_dir) if classes_from is not None else None
+    failed = 0
+    for file in files:
+        try:
+            cm = load_cmatrix(file)
+            if expected is not None:
+                try:
+                    check_class_names(cm, expected, file)
+                except CMatrixError as error:
+                    if set(cm.class_names) != set(expected):
+                        raise
+                    fix = f" --data-dir {data_dir}" if data_dir else ""
+                    raise CMatrixError(
+                        f"{error}; or write a re-ordered copy with "
+                        f"`kd cmatrix remap {file} --classes-from {classes_from}{fix} --out NEW_FILE`"
+                    ) from None
+            line = f"OK   {file}: {summary_line(cm)}"
+            if checksum:
+                line += f" sha256={file_sha256(file)}"
+        except KDError as error:
+            failed += 1
+            reason = " ".join(str(error).split())
+            line = f"FAIL {reason}" if reason.startswith(f"{file}: ") else f"FAIL {file}: {reason}"
+        click.echo(line)
+    if failed:
+        raise KDError(f"{failed} of {len(files)} file(s) failed validation")
+
+
+# ---------------------------------------------------------------------------------------------
+# show
 
 
 @cmatrix_group.command("show")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=FILE)
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours shown per class.")
-def cmatrix_show_command(file: str, top: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help=(
+    "Print JSON instead: class_names, alpha, source, dataset, teacher, neighbours "
+    "({class: [[name, prob], ...]}) and the raw metadata."))
+def cmatrix_show_command(file: str, top: int, as_json: bool) -> None:
     """Print, for each class, its top non-target classes and their probabilities."""
-    from kd.cmatrix import format_show, load_cmatrix
+    from kd.cmatrix import format_show, load_cmatrix, show_dict
 
-    click.echo(format_show(load_cmatrix(file), top=top))
+    cm = load_cmatrix(file)
+    if as_json:
+        click.echo(json.dumps({"file": file, **show_dict(cm, top)}, indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_show(cm, top=top))
+
+
+# ---------------------------------------------------------------------------------------------
+# diff
+
+
+@cmatrix_group.command("diff")
+@click.argument("a", type=FILE)
+@click.argument("b", type=FILE)
+@click.option("--json", "as_json", is_flag=True, help="Print the per-class records and the summary as JSON.")
+def cmatrix_diff_command(a: str, b: str, as_json: bool) -> None:
+    """Compare two C-matrices class by class over their shared class names.
+
+    Both are restricted to the shared classes (in A's order) and renormalised; then per class:
+    Jensen-Shannon divergence in bits (0 = same row, 1 = disjoint), the top-1 neighbour in A
+    and in B and whether they agree, and Spearman's rank correlation rho of the row. A summary
+    line gives the means and the classes found in only one file. Needs 3 shared classes.
+    """
+    from kd.cmatrix import diff, format_diff, load_cmatrix
+
+    result = diff(load_cmatrix(a), load_cmatrix(b))
+    if as_json:
+        click.echo(json.dumps({"a": a, "b": b, **result.to_dict()}, indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_diff(result, a, b))
+
+
+# ---------------------------------------------------------------------------------------------
+# subset, merge, remap
+
+
+@cmatrix_group.command("subset")
+@click.argument("file", type=FILE)
+@click.option("--classes", metavar="A,B,C", help=(
+    "Comma-separated class names to keep, in the order wanted (at least 2). "
+    "For names containing commas use --classes-from."))
+@click.option("--classes-from", "classes_from", metavar="FILE_OR_DATASET", help=(
+    "Keep these classes, in this order, instead of --classes. " + CLASSES_FROM_HELP))
+@click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
+@click.option("--out", required=True, type=click.Path(), help=OUT_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def cmatrix_subset_command(
+    file: str, classes: str | None, classes_from: str | None, data_dir: str | None, out: str, overwrite: bool
+) -> None:
+    """Restrict FILE to some classes and renormalise each row over the kept classes.
+
+    So a C-matrix learned on 100 classes serves a task on 10 of them. The ratios between kept
+    entries of a row are unchanged. The result has source=subset and records FILE's SHA-256.
+    """
+    from kd.cmatrix import load_cmatrix, source_entry, subset
+
+    if (classes is None) == (classes_from is None):
+        raise KDError("subset needs exactly one of --classes A,B,C or --classes-from FILE_OR_DATASET")
+    target = _check_out(out, overwrite)
+    if classes is not None:
+        names = [name.strip() for name in classes.split(",")]
+        if any(not name for name in names):
+            raise KDError(f"--classes {classes!r} has an empty class name; give names separated by commas")
+    else:
+        names = _classes_from(classes_from, data_dir)
+    cm = load_cmatrix(file)
+    entry = source_entry(cm, file)
+    _write(target, subset(cm, names, [entry]), [(file, entry)])
+
+
+@cmatrix_group.command("merge")
+@click.argument("files", nargs=-1, required=True, type=FILE)
+@click.option("--out", required=True, type=click.Path(), help=OUT_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def cmatrix_merge_command(files: tuple[str, ...], out: str, overwrite: bool) -> None:
+    """Average two or more C-matrices over the same class names (an ensemble proxy teacher).
+
+    Classes are matched by name and the result uses the first file's class order. Rows are the
+    mean of the files' rows, alpha the mean alpha; teacher_top1 is left unknown. Every file must
+    have the same set of class names (use subset first otherwise).
+    """
+    from kd.cmatrix import load_cmatrix, merge, source_entry
+
+    if len(files) < 2:
+        raise KDError(f"merge needs at least 2 files, got {len(files)}")
+    target = _check_out(out, overwrite)
+    cms = [load_cmatrix(f) for f in files]
+    entries = [source_entry(cm, f) for cm, f in zip(cms, files)]
+    _write(target, merge(cms, entries, names=list(files)), list(zip(files, entries)))
+
+
+@cmatrix_group.command("remap")
+@click.argument("file", type=FILE)
+@click.option("--classes-from", "classes_from", required=True, metavar="FILE_OR_DATASET", help=(
+    "The class order to produce (same class names as FILE). " + CLASSES_FROM_HELP))
+@click.option("--data-dir", type=click.Path(file_okay=False), help=DATA_DIR_HELP)
+@click.option("--out", required=True, type=click.Path(), help=OUT_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def cmatrix_remap_command(file: str, classes_from: str, data_dir: str | None, out: str, overwrite: bool) -> None:
+    """Re-order FILE's rows and columns to another class order, matching classes by name.
+
+    The result has source=remap and records FILE's SHA-256. To drop classes, use subset.
+    """
+    from kd.cmatrix import load_cmatrix, remap, source_entry
+
+    target = _check_out(out, overwrite)
+    names = _classes_from(classes_from, data_dir)
+    cm = load_cmatrix(file)
+    entry = source_entry(cm, file)
+    _write(target, remap(cm, names, [entry]), [(file, entry)])

@@ -90,6 +90,7 @@ class FitConfig:
     max_steps: int | None = None
     momentum: float = 0.9
     warmup_fraction: float = 0.03
+    evaluate: bool = True  # benchmarks that only time training steps skip the test pass
 
 
 @dataclass
@@ -230,7 +231,7 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
     progress.close()
 
     inner.time_teacher = False
-    metrics = evaluate(inner.net, data, config.batch_size, accelerator)
+    metrics = evaluate(inner.net, data, config.batch_size, accelerator) if config.evaluate else {}
     memory_mb, memory_kind = peak_memory(accelerator.device)
     return FitResult(
         metrics=metrics,
