@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-RUN_DIR ?= runs/digits-teacher
+RUNS ?= runs/digits
 
 .PHONY: setup demo test
 
@@ -14,9 +14,15 @@ $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 
 setup: $(BIN)/.installed
 
+# Teacher with LS++ -> its C-matrix -> three students (proxy C-matrix, classic KD, plain) -> table.
 demo: setup
-	$(BIN)/kd train-teacher --out $(RUN_DIR) --overwrite
-	$(BIN)/kd cmatrix show $(RUN_DIR)/cmatrix.safetensors
+	$(BIN)/kd train-teacher --out $(RUNS)/teacher --overwrite
+	$(BIN)/kd cmatrix show $(RUNS)/teacher/cmatrix.safetensors
+	$(BIN)/kd distill --proxy $(RUNS)/teacher/cmatrix.safetensors --model tiny_cnn --out $(RUNS)/student-proxy --overwrite
+	$(BIN)/kd distill --teacher $(RUNS)/teacher --model tiny_cnn --out $(RUNS)/student-kd --overwrite
+	$(BIN)/kd distill --model tiny_cnn --out $(RUNS)/student-plain --overwrite
+	$(BIN)/kd compare $(RUNS)/teacher $(RUNS)/student-proxy $(RUNS)/student-kd $(RUNS)/student-plain \
+		--markdown $(RUNS)/compare.md --csv $(RUNS)/compare.csv
 
 test: setup
 	$(BIN)/pytest -q

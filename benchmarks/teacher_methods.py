@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["onehot", "ls", "lspp"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="further `kd train-teacher` flags, after --")
     args = parser.parse_args()
     extra = [flag for flag in args.extra if flag != "--"]
@@ -53,8 +54,8 @@ def main() -> None:
             rows.append({"method": method, "seeds": args.seeds, "runs": [{k: r[k] for k in METRICS} for r in runs], "summary": summary})
             print(f"{method}: top-1 {summary['test_top1'][0]:.4f} +- {summary['test_top1'][1]:.4f}", flush=True)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"teacher_methods_{args.dataset}"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.results_dir / f"teacher_methods_{args.dataset}"
     command = " ".join(["python", "benchmarks/teacher_methods.py", *sys.argv[1:]])
     report = {"command": command, "dataset": args.dataset, "epochs": args.epochs, "extra_flags": extra,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),

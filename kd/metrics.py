@@ -47,7 +47,6 @@ def expected_calibration_error(confidences, correct, n_bins: int = 15) -> float:
     inner_edges = torch.arange(1, n_bins, dtype=torch.float64) / n_bins
     # right=False: index i satisfies edges[i-1] < conf <= edges[i], i.e. bins are (lo, hi].
     bins = torch.bucketize(conf, inner_edges, right=False).clamp_(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     corr_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, corr)
     # sum_m |B_m|/n * |acc_m - conf_m| = sum_m |corr_sum_m - conf_sum_m| / n (empty bins add 0).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,8 @@ from PIL import Image
 import kd.datasets as kdd
 from kd.datasets import DATASET_NAMES, ImageDataset, InMemorySplit, load_dataset
 from kd.errors import KDError
+from tests.conftest import extract_cifar10_subset
 
-CIFAR10_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.zip"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -236,23 +235,7 @@ def test_parallel_decoding_matches_single_chunk(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def cifar10_small(tmp_path_factory) -> Path:
     """The first 10 train and 5 test images of every class of the shared CIFAR-10 JPEG zip."""
-    if not CIFAR10_ZIP.exists():
-        pytest.skip(f"CIFAR-10 JPEG copy not found at {CIFAR10_ZIP}")
-    dest = tmp_path_factory.mktemp("cifar10")
-    wanted = {"train": 10, "test": 5}
-    taken: dict[tuple[str, str], int] = {}
-    with zipfile.ZipFile(CIFAR10_ZIP) as archive:
-        for info in archive.infolist():
-            parts = Path(info.filename).parts
-            if info.is_dir() or len(parts) < 3 or parts[-3] not in wanted:
-                continue
-            key = (parts[-3], parts[-2])
-            if taken.get(key, 0) < wanted[parts[-3]]:
-                taken[key] = taken.get(key, 0) + 1
-                target = dest / parts[-3] / parts[-2] / parts[-1]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(archive.read(info))
-    return dest
+    return extract_cifar10_subset(tmp_path_factory.mktemp("cifar10"), train_per_class=10, test_per_class=5)
 
 
 def test_cifar10_jpeg_subset_matches_pil(cifar10_small, monkeypatch):
