@@ -36,7 +36,7 @@ def _seed():
 
 
 def test_builtin_names():
-    assert set(BUILTIN_MODELS) == {"small_cnn", "lenet", "alexnet", *CIFAR_RESNETS}
+    assert set(BUILTIN_MODELS) == {"small_cnn", "tiny_cnn", "lenet", "alexnet", *CIFAR_RESNETS}
     for name, description in BUILTIN_MODELS.items():
         assert description and "\n" not in description, name
 
@@ -56,7 +56,7 @@ def test_builtin_output_shape(name, in_channels):
 
 
 @pytest.mark.parametrize("size", [9, 13, 17, 28, 33, 64])
-@pytest.mark.parametrize("name", ["small_cnn", "lenet", "alexnet"])
+@pytest.mark.parametrize("name", ["small_cnn", "tiny_cnn", "lenet", "alexnet"])
 def test_small_builtins_accept_odd_and_large_sizes(name, size):
     model = build_model(name, K, 1, size).eval()
     with torch.no_grad():
