@@ -54,7 +54,25 @@ run_options = _apply([
     click.option("--overwrite", is_flag=True, help="Replace the run in an existing non-empty --out."),
     click.option(
         "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
-        help="Passed to Accelerate; losses and the C-matrix stay in float32.",
+        help="Passed to Accelerate; losses and the C-matrix stay in float32. fp16 needs a GPU; bf16 also runs on the CPU.",
+    ),
+    click.option(
+        "--grad-accum", type=int, default=1, show_default=True,
+        help="Gradient accumulation: one optimizer step per N batches, i.e. an effective batch of "
+        "batch-size x N x processes. The schedule, --max-steps and checkpoint steps count optimizer steps.",
+    ),
+    click.option(
+        "--checkpoint-every", type=int, default=None, metavar="EPOCHS",
+        help="Save the full training state (model, C logits, optimizer, schedule, RNG, position) to "
+        "OUT/checkpoints/step-NNNNNNNN every EPOCHS epochs and at the end; the last 2 are kept.",
+    ),
+    click.option(
+        "--checkpoint-every-steps", type=int, default=None, metavar="STEPS",
+        help="Also (or instead) save a checkpoint every STEPS optimizer steps, mid-epoch included.",
+    ),
+    click.option(
+        "--resume", is_flag=True,
+        help="Continue the run in an existing --out from its latest complete checkpoint (same flags as the original run).",
     ),
 ])
 

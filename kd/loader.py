@@ -131,6 +131,7 @@ class DeviceBatches:
         self.device = device
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch = 0
+        self.start_batch, self.stop_batch = 0, None  # the epoch's batch range (see set_epoch)
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         self.normalize = Normalize(data.mean, data.std, device)
         self.generator = torch.Generator(device=device).manual_seed(seed * 7919 + rank)
@@ -144,8 +145,14 @@ class DeviceBatches:
             self._labels = self.source.labels.to(device)
         self.num_samples = len(self.source.labels) if isinstance(self.source, InMemorySplit) else len(self.source)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, stop_batch: int | None = None) -> None:
+        """Select the epoch (its shuffle) and which of its batches to yield: [start_batch, stop_batch).
+
+        The index list is sliced before any augmentation, so skipping the batches a resumed
+        run has already trained on consumes no augmentation randomness.
+        """
         self.epoch = epoch
+        self.start_batch, self.stop_batch = start_batch, stop_batch
 
     def _indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         return shard_indices(
@@ -188,6 +195,9 @@ class DeviceBatches:
             # dropped remainder around.
             usable = len(self) * self.batch_size if len(indices) >= self.batch_size else len(indices)
             indices, valid = indices[:usable], valid[:usable]
+        first = self.start_batch * self.batch_size
+        last = None if self.stop_batch is None else self.stop_batch * self.batch_size
+        indices, valid = indices[first:last], valid[first:last]
         valid = valid.to(self.device)
         for batch_number, (images, labels) in enumerate(self._uint8_batches(indices)):
             if self.augment is not None:

@@ -7,21 +7,21 @@ the run directory and what `config.json` and `metrics.json` hold, is shared here
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
 import kd
 from kd.datasets import ImageDataset, load_dataset
-from kd.engine import FitConfig, FitResult, TrainModule, fit
+from kd.engine import FitConfig, FitResult, TrainModule, fit, make_accelerator, optimizer_steps_per_epoch
 from kd.errors import KDError
 from kd.io import write_json_atomic
 from kd.models import build_model
-from kd.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, prepare_run_dir, save_model
+from kd.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, latest_checkpoint, prepare_run_dir, read_run_config, save_model
 
 
 @dataclass
@@ -42,6 +42,19 @@ class RunConfig:
     image_size: int | None = None
     mixed_precision: str = "no"
     overwrite: bool = False
+    grad_accum: int = 1
+    checkpoint_every: int | None = None  # epochs
+    checkpoint_every_steps: int | None = None  # optimizer steps
+    resume: bool = False
+
+
+# config.json keys that must match for `--resume` to continue the same run: anything that
+# changes the model, the data, the targets, the schedule or the random streams.
+RESUME_KEYS = (
+    "stage", "model", "dataset", "dataset_name", "num_classes", "class_names", "in_channels", "image_size",
+    "method", "mode", "alpha", "proxy", "teacher", "temperature", "kd_weight", "ce_weight", "remap_by_name",
+    "seed", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "mixed_precision", "world_size",
+)
 
 
 def check_run_config(config: RunConfig) -> None:
@@ -55,6 +68,30 @@ def check_run_config(config: RunConfig) -> None:
         raise KDError(f"--lr must be positive, got {config.lr}")
     if config.weight_decay < 0:
         raise KDError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    if config.grad_accum < 1:
+        raise KDError(f"--grad-accum must be a positive integer, got {config.grad_accum}")
+    for flag, value in (("--checkpoint-every", config.checkpoint_every), ("--checkpoint-every-steps", config.checkpoint_every_steps)):
+        if value is not None and value < 1:
+            raise KDError(f"{flag} must be a positive integer, got {value}")
+    if config.resume and config.overwrite:
+        raise KDError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+
+
+def check_resume_config(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """A one-line `KDError` naming the first flag whose value differs from the run being resumed."""
+    new = json.loads(json.dumps(new))  # compare as config.json holds it (tuples become lists)
+    for key in RESUME_KEYS:
+        if key in old and key in new and old[key] != new[key]:
+            flag = "processes (world size)" if key == "world_size" else f"--{key.replace('_', '-')}"
+            raise KDError(
+                f"--resume: {flag} is {_short(new[key])} but the run in {out} used {_short(old[key])}; "
+                "pass the original flags, or start a new run with another --out"
+            )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_alpha(alpha: float) -> None:
@@ -80,9 +117,13 @@ def run_stage(
 ) -> Path:
     """Train `config.model` on `config.dataset` with the stage's objective; write the run directory."""
     check_run_config(config)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    out = prepare_run_dir(config.out, config.overwrite) if accelerator.is_main_process else Path(config.out)
+    accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate would accept it and silently train in float32.
+        raise KDError("--mixed-precision fp16 needs a GPU; use bf16 on the CPU")
+    out = prepare_run_dir(config.out, config.overwrite, config.resume) if accelerator.is_main_process else Path(config.out)
     accelerator.wait_for_everyone()
+    resume_from = latest_checkpoint(out) if config.resume else None
     set_seed(config.seed)
 
     data = load_dataset(config.dataset, config.data_dir, download=config.download, image_size=config.image_size)
@@ -91,6 +132,7 @@ def run_stage(
     net = build_model(config.model, data.num_classes, data.channels, data.image_size)
     objective = make_objective(data)
     card = {"stage": stage, **(objective.card or {})}
+    optimizer_steps_per_epoch(len(data.train), config.batch_size, accelerator.num_processes, config.grad_accum)
     run_config = {
         **asdict(config),
         **extra_config,
@@ -103,15 +145,23 @@ def run_stage(
         "mean": list(data.mean),
         "std": list(data.std),
         "world_size": accelerator.num_processes,
+        "effective_batch_size": config.batch_size * config.grad_accum * accelerator.num_processes,
         "toolkit_version": kd.__version__,
     }
-    if accelerator.is_main_process:
+    if resume_from is not None:
+        # The original config.json stays; it must describe the same run.
+        check_resume_config(out, read_run_config(out), run_config)
+        accelerator.print(f"{data.describe()} | {stage} {config.model} | resuming from {resume_from}")
+    elif accelerator.is_main_process:
         write_json_atomic(out / CONFIG_FILE, run_config)
         accelerator.print(f"{data.describe()} | {stage} {config.model} | {card.get('method', '')} -> {out}")
 
     fit_config = FitConfig(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
         weight_decay=config.weight_decay, seed=config.seed, max_steps=config.max_steps,
+        run_dir=str(out), checkpoint_every_epochs=config.checkpoint_every,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        resume_from=str(resume_from) if resume_from is not None else None,
     )
     module = TrainModule(net, objective.criterion, teacher=objective.teacher)
     result = fit(module, data, fit_config, accelerator, desc=stage)
@@ -136,6 +186,9 @@ def run_stage(
             "num_classes": data.num_classes,
             "class_names": list(data.class_names),
             "world_size": accelerator.num_processes,
+            "grad_accum": result.grad_accum,
+            "effective_batch_size": result.effective_batch_size,
+            "resumed_from_step": result.resumed_from_step,
             "mixed_precision": config.mixed_precision,
             "device": str(accelerator.device),
         }

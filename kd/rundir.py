@@ -3,12 +3,18 @@
 A run directory holds `config.json` (everything needed to rebuild the model and re-run),
 `model.safetensors` (weights, no pickle), `metrics.json`, and for an LS++ teacher
 `cmatrix.safetensors`. Every file is written atomically.
+
+Checkpoints of the full training state live under `checkpoints/`: each is a directory
+`step-NNNNNNNN` (optimizer steps done) written by Accelerate's `save_state` into a hidden
+temporary directory `.tmp-step-NNNNNNNN` and renamed to its final name only when complete,
+so the highest-numbered `step-*` directory is always a complete checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,18 +29,108 @@ METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.safetensors"
 CMATRIX_FILE = "cmatrix.safetensors"
 ARTIFACTS = (CONFIG_FILE, METRICS_FILE, MODEL_FILE, CMATRIX_FILE)
+CHECKPOINTS_DIR = "checkpoints"
+KEEP_CHECKPOINTS = 2
+_CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
 
 
-def prepare_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (temporary, unfinished ones excluded)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The highest-numbered complete checkpoint of a run, or None."""
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    return int(_CHECKPOINT_NAME.match(Path(path).name).group(1))
+
+
+def temporary_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where a checkpoint is written before it is complete (the same name on every process)."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{_TMP_PREFIX}{checkpoint_name(step)}"
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit_checkpoint(tmp: Path, step: int, keep: int = KEEP_CHECKPOINTS) -> Path:
+    """Make a fully written temporary checkpoint final (an atomic rename), then prune old ones.
+
+    Main process only. Until the rename, the previous checkpoint is untouched, so a crash while
+    saving leaves it as the latest complete one; older checkpoints are deleted only after.
+    """
+    root = tmp.parent
+    final = root / checkpoint_name(step)
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again: swap it out, then drop the old copy
+        stale = root / f"{_TMP_PREFIX}old-{final.name}"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.iterdir():  # unfinished saves of killed runs
+        if leftover.name.startswith(_TMP_PREFIX) and leftover != tmp:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool = False) -> Path:
     """Create `out` (or reuse it with `overwrite`), checking it is writable before any training.
 
     An existing non-empty directory is refused unless `overwrite`; with it, this toolkit's own
     artifacts from the earlier run are removed so none of them is mistaken for this run's.
+    With `resume`, `out` must hold a run with at least one complete checkpoint; nothing is
+    removed.
     """
     out = Path(out)
+    if resume and overwrite:
+        raise KDError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if out.exists() and not out.is_dir():
         raise KDError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise KDError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE}); drop --resume to start a new run")
+        if latest_checkpoint(out) is None:
+            raise KDError(
+                f"--resume: no complete checkpoint in {out / CHECKPOINTS_DIR}; "
+                "start again with --overwrite (and --checkpoint-every N to make checkpoints)"
+            )
+    elif out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise KDError(f"--out {out} already exists and is not empty; pass --overwrite to replace its run, or choose another --out")
         for name in ARTIFACTS:
