@@ -1,0 +1,173 @@
+"""Checkpoint and resume: a SIGKILLed run continued with --resume ends bitwise where an
+uninterrupted run ends; checkpoints are complete or absent; bad resumes are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kd.datasets import load_dataset
+from kd.engine import FitConfig, TrainModule, fit, make_accelerator
+from kd.lspp import LSPPLoss
+from kd.models import build_model
+from kd.rundir import latest_checkpoint, list_checkpoints
+from tests.test_cli import KD, assert_one_line_error, kd, read_run
+
+# Both runs use one thread: the same kernels in the same order give bitwise-equal results.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# small_cnn has BatchNorm and dropout, digits has random crops: every random stream is exercised.
+# Checkpoints every epoch (44 steps) and every 30 steps, so the kill usually lands after a
+# mid-epoch checkpoint and resuming has to skip part of an epoch.
+RUN = ["--batch-size", "32", "--checkpoint-every", "1", "--checkpoint-every-steps", "30"]
+
+
+def run_kd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([KD, *args], capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def start_and_kill_after_first_checkpoint(args: list[str], out: Path) -> bool:
+    """Start `kd ...`, SIGKILL it as soon as its first checkpoint is complete; False if it finished first."""
+    process = subprocess.Popen([KD, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if latest_checkpoint(out) is not None:
+                os.kill(process.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        return process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("stage", ["train-teacher", "distill"])
+def test_killed_run_resumes_to_the_same_weights_and_cmatrix(tmp_path, stage):
+    extra = [] if stage == "train-teacher" else ["--method", "ls"]
+    for epochs in ("4", "12", "40"):  # more epochs if the run outpaced the kill
+        killed = tmp_path / f"killed-{epochs}"
+        args = [stage, "--epochs", epochs, *RUN, *extra]
+        if start_and_kill_after_first_checkpoint([*args, "--out", str(killed)], killed):
+            break
+    else:
+        pytest.fail("every run finished before it could be killed; the test proves nothing")
+
+    # The kill left an unfinished run: no final artifacts, at least one complete checkpoint.
+    assert not (killed / "model.safetensors").exists() and not (killed / "metrics.json").exists()
+    resumed_from = latest_checkpoint(killed)
+    assert resumed_from is not None
+
+    result = run_kd(*args, "--out", str(killed), "--resume")
+    assert result.returncode == 0, result.stderr
+    reference = tmp_path / "uninterrupted"
+    result = run_kd(*args, "--out", str(reference))
+    assert result.returncode == 0, result.stderr
+
+    _, metrics = read_run(killed)
+    _, expected = read_run(reference)
+    steps = int(epochs) * (1437 // 32)
+    assert 0 < metrics["resumed_from_step"] < steps == metrics["steps"] == expected["steps"]
+    assert expected["resumed_from_step"] is None
+    assert_bitwise_equal(tensors(killed / "model.safetensors"), tensors(reference / "model.safetensors"))
+    if stage == "train-teacher":  # the C-matrix: probabilities and logits
+        assert_bitwise_equal(tensors(killed / "cmatrix.safetensors"), tensors(reference / "cmatrix.safetensors"))
+    assert metrics["epoch_train_loss"] == expected["epoch_train_loss"]
+    for name in ("test_top1", "test_nll", "test_ece"):
+        assert metrics[name] == expected[name]
+    # The last two checkpoints are kept, nothing unfinished is left behind.
+    names = [p.name for p in (killed / "checkpoints").iterdir()]
+    assert len(names) == 2 and all(name.startswith("step-") for name in names)
+
+
+def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path):
+    """Deterministic counterpart of the kill test: resume from a checkpoint 16 steps into epoch 2."""
+    reference = tmp_path / "reference"
+    args = ["train-teacher", "--epochs", "2", *RUN]
+    assert run_kd(*args, "--out", str(reference)).returncode == 0
+    assert [p.name for p in list_checkpoints(reference)] == ["step-00000060", "step-00000088"]
+
+    copy = tmp_path / "copy"
+    (copy / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference / "config.json", copy / "config.json")
+    shutil.copytree(reference / "checkpoints" / "step-00000060", copy / "checkpoints" / "step-00000060")
+    # An unfinished save (a crash mid-write) must be ignored, and cleaned up by the next save.
+    partial = copy / "checkpoints" / ".tmp-step-00000070"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half a file")
+
+    result = run_kd(*args, "--out", str(copy), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert read_run(copy)[1]["resumed_from_step"] == 60
+    assert_bitwise_equal(tensors(copy / "model.safetensors"), tensors(reference / "model.safetensors"))
+    assert_bitwise_equal(tensors(copy / "cmatrix.safetensors"), tensors(reference / "cmatrix.safetensors"))
+    assert not partial.exists()
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = make_accelerator()
+    data = load_dataset("digits")
+    module = TrainModule(build_model("tiny_cnn", 10, 1, 8), LSPPLoss(10))
+    config = FitConfig(epochs=3, batch_size=64, lr=0.05, weight_decay=5e-4, run_dir=str(tmp_path), checkpoint_every_epochs=1, evaluate=False)
+
+    real_save_state = accelerator.save_state
+    calls = []
+
+    def crash_on_second_save(output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            Path(output_dir, "model.safetensors").write_bytes(b"partial")
+            raise OSError("disk full")
+        return real_save_state(output_dir, **kwargs)
+
+    monkeypatch.setattr(accelerator, "save_state", crash_on_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        fit(module, data, config, accelerator)
+    first = tmp_path / "checkpoints" / "step-00000022"
+    assert [p.name for p in list_checkpoints(tmp_path)] == [first.name]
+    assert latest_checkpoint(tmp_path) == first
+    assert len(load_file(str(first / "model.safetensors"))) > 0  # complete and loadable
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_resume_problems_are_one_line_errors(tmp_path):
+    out = tmp_path / "run"
+    fast = ["--epochs", "1", "--max-steps", "3", "--batch-size", "16"]
+    assert_one_line_error(kd("train-teacher", "--out", str(tmp_path / "absent"), "--resume", *fast), "--resume", "no run")
+    assert kd("train-teacher", "--out", str(out), *fast).returncode == 0
+    assert_one_line_error(kd("train-teacher", "--out", str(out), "--resume", *fast), "no complete checkpoint")
+    assert kd("train-teacher", "--out", str(out), "--overwrite", "--checkpoint-every", "1", *fast).returncode == 0
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000003"]
+    assert_one_line_error(kd("train-teacher", "--out", str(out), "--resume", "--overwrite", *fast), "--resume", "--overwrite")
+    assert_one_line_error(kd("train-teacher", "--out", str(out), "--resume", "--seed", "7", *fast), "--seed", "7", "0")
+    assert_one_line_error(kd("train-teacher", "--out", str(out), "--resume", "--model", "lenet", *fast), "--model", "lenet")
+    # A finished run resumes from its final checkpoint: nothing left to train, same artifacts.
+    before = tensors(out / "model.safetensors")
+    result = kd("train-teacher", "--out", str(out), "--resume", *fast)
+    assert result.returncode == 0, result.stderr
+    assert_bitwise_equal(before, tensors(out / "model.safetensors"))
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 3
