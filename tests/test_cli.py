@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from kd.cmatrix import load_cmatrix
 from tests.conftest import make_image_folder
 
@@ -22,6 +25,28 @@ REQUIRED_METRICS = {
 
 def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([KD, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def kd_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`kd ARGS` through the console script's own entry point (`cli.main:main`), in this process.
+
+    For error paths: they need no fresh interpreter, and a subprocess would pay 3-5 s of
+    start-up (torch, timm, accelerate) per case. An unexpected exception propagates and fails
+    the test, just as a traceback would.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return subprocess.CompletedProcess(["kd", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -97,7 +122,7 @@ def test_existing_run_directory_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    assert_one_line_error(kd("train-teacher", "--out", str(out), *FAST), "--overwrite")
+    assert_one_line_error(kd_in_process("train-teacher", "--out", str(out), *FAST), "--overwrite")
     assert (out / "notes.txt").read_text() == "keep me"
     assert kd("train-teacher", "--out", str(out), "--overwrite", *FAST).returncode == 0
     assert (out / "model.safetensors").exists() and (out / "notes.txt").exists()
@@ -124,15 +149,15 @@ def test_bad_input_ends_in_one_line_error(tmp_path):
         (["--method", "focal"], "--method"),
     ]
     for args, fragment in cases:
-        assert_one_line_error(kd("train-teacher", "--out", out, *FAST, *args), fragment)
-    assert_one_line_error(kd("train-teacher", "--out", str(a_file / "run"), *FAST), "--out")
+        assert_one_line_error(kd_in_process("train-teacher", "--out", out, *FAST, *args), fragment)
+    assert_one_line_error(kd_in_process("train-teacher", "--out", str(a_file / "run"), *FAST), "--out")
 
 
 def test_cmatrix_show_rejects_corrupt_file_in_one_line(tmp_path):
     broken = tmp_path / "cmatrix.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    assert_one_line_error(kd("cmatrix", "show", str(broken)), str(broken))
-    assert_one_line_error(kd("cmatrix", "show", str(tmp_path / "absent.safetensors")), "absent.safetensors")
+    assert_one_line_error(kd_in_process("cmatrix", "show", str(broken)), str(broken))
+    assert_one_line_error(kd_in_process("cmatrix", "show", str(tmp_path / "absent.safetensors")), "absent.safetensors")
 
 
 @pytest.mark.slow

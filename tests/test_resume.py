@@ -20,7 +20,7 @@ from kd.engine import FitConfig, TrainModule, fit, make_accelerator
 from kd.lspp import LSPPLoss
 from kd.models import build_model
 from kd.rundir import latest_checkpoint, list_checkpoints
-from tests.test_cli import KD, assert_one_line_error, kd, read_run
+from tests.test_cli import KD, assert_one_line_error, kd, read_run, kd_in_process
 
 # Both runs use one thread: the same kernels in the same order give bitwise-equal results.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -157,14 +157,14 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monk
 def test_resume_problems_are_one_line_errors(tmp_path):
     out = tmp_path / "run"
     fast = ["--epochs", "1", "--max-steps", "3", "--batch-size", "16"]
-    assert_one_line_error(kd("train-teacher", "--out", str(tmp_path / "absent"), "--resume", *fast), "--resume", "no run")
+    assert_one_line_error(kd_in_process("train-teacher", "--out", str(tmp_path / "absent"), "--resume", *fast), "--resume", "no run")
     assert kd("train-teacher", "--out", str(out), *fast).returncode == 0
-    assert_one_line_error(kd("train-teacher", "--out", str(out), "--resume", *fast), "no complete checkpoint")
+    assert_one_line_error(kd_in_process("train-teacher", "--out", str(out), "--resume", *fast), "no complete checkpoint")
     assert kd("train-teacher", "--out", str(out), "--overwrite", "--checkpoint-every", "1", *fast).returncode == 0
     assert [p.name for p in list_checkpoints(out)] == ["step-00000003"]
-    assert_one_line_error(kd("train-teacher", "--out", str(out), "--resume", "--overwrite", *fast), "--resume", "--overwrite")
-    assert_one_line_error(kd("train-teacher", "--out", str(out), "--resume", "--seed", "7", *fast), "--seed", "7", "0")
-    assert_one_line_error(kd("train-teacher", "--out", str(out), "--resume", "--model", "lenet", *fast), "--model", "lenet")
+    assert_one_line_error(kd_in_process("train-teacher", "--out", str(out), "--resume", "--overwrite", *fast), "--resume", "--overwrite")
+    assert_one_line_error(kd_in_process("train-teacher", "--out", str(out), "--resume", "--seed", "7", *fast), "--seed", "7", "0")
+    assert_one_line_error(kd_in_process("train-teacher", "--out", str(out), "--resume", "--model", "lenet", *fast), "--model", "lenet")
     # A finished run resumes from its final checkpoint: nothing left to train, same artifacts.
     before = tensors(out / "model.safetensors")
     result = kd("train-teacher", "--out", str(out), "--resume", *fast)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from kd.cmatrix import load_cmatrix
 from kd.kd_losses import HintonKDLoss, ProxyTeacherLoss
 from tests.conftest import make_image_folder
-from tests.test_cli import FAST, assert_one_line_error, kd, read_run
+from tests.test_cli import FAST, assert_one_line_error, kd, read_run, kd_in_process
 
 
 def random_cmatrix(k: int, seed: int) -> torch.Tensor:
@@ -120,7 +120,7 @@ def test_posthoc_cmatrix_from_teacher_serves_as_proxy(tmp_path, digits_teacher):
     assert cm.source == "posthoc" and cm.class_names == tuple(str(d) for d in range(10))
     assert torch.all(cm.probs.diagonal() == 0)
     assert kd("distill", "--proxy", str(posthoc), "--model", "tiny_cnn", "--out", str(tmp_path / "s"), *FAST).returncode == 0
-    assert_one_line_error(kd("cmatrix", "from-teacher", str(digits_teacher), "--out", str(posthoc)), "--overwrite")
+    assert_one_line_error(kd_in_process("cmatrix", "from-teacher", str(digits_teacher), "--out", str(posthoc)), "--overwrite")
 
 
 def _doctored(source, target, mutate_probs=None, metadata_update=None):
@@ -154,7 +154,7 @@ def test_distill_rejects_bad_cmatrix_files_in_one_line(tmp_path, digits_teacher)
         "truncated": (truncated, "truncated"),
     }
     for case, (path, fragment) in bad_files.items():
-        result = kd("distill", "--proxy", str(path), "--model", "tiny_cnn", "--out", str(tmp_path / "s"), *FAST)
+        result = kd_in_process("distill", "--proxy", str(path), "--model", "tiny_cnn", "--out", str(tmp_path / "s"), *FAST)
         assert_one_line_error(result, fragment)
         assert not (tmp_path / "s" / "model.safetensors").exists(), case
 
@@ -170,15 +170,15 @@ def test_remap_by_name_reorders_a_cmatrix_in_another_class_order(tmp_path):
 
     save_cmatrix(flipped, remap_by_name(cm, ["cat", "bee", "ant"]))
     args = ["distill", "--dataset", "imagefolder", "--data-dir", str(reordered), "--proxy", str(flipped), *FAST]
-    assert_one_line_error(kd(*args, "--out", str(tmp_path / "s1")), "--remap-by-name")
+    assert_one_line_error(kd_in_process(*args, "--out", str(tmp_path / "s1")), "--remap-by-name")
     assert kd(*args, "--out", str(tmp_path / "s2"), "--remap-by-name").returncode == 0
 
 
 def test_distill_flag_errors(tmp_path, digits_teacher):
     out = str(tmp_path / "s")
     cmatrix = str(digits_teacher / "cmatrix.safetensors")
-    assert_one_line_error(kd("distill", "--proxy", cmatrix, "--teacher", str(digits_teacher), "--out", out, *FAST), "--proxy")
-    assert_one_line_error(kd("distill", "--teacher", str(tmp_path / "nowhere"), "--out", out, *FAST), "nowhere")
-    assert_one_line_error(kd("distill", "--teacher", str(digits_teacher), "--temperature", "0", "--out", out, *FAST), "--temperature")
-    assert_one_line_error(kd("distill", "--proxy", cmatrix, "--alpha", "1.5", "--out", out, *FAST), "--alpha")
-    assert_one_line_error(kd("compare", str(tmp_path / "nowhere")), "nowhere")
+    assert_one_line_error(kd_in_process("distill", "--proxy", cmatrix, "--teacher", str(digits_teacher), "--out", out, *FAST), "--proxy")
+    assert_one_line_error(kd_in_process("distill", "--teacher", str(tmp_path / "nowhere"), "--out", out, *FAST), "nowhere")
+    assert_one_line_error(kd_in_process("distill", "--teacher", str(digits_teacher), "--temperature", "0", "--out", out, *FAST), "--temperature")
+    assert_one_line_error(kd_in_process("distill", "--proxy", cmatrix, "--alpha", "1.5", "--out", out, *FAST), "--alpha")
+    assert_one_line_error(kd_in_process("compare", str(tmp_path / "nowhere")), "nowhere")
