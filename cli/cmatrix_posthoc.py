@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -25,7 +24,7 @@ def from_teacher_command(run_dir: str, out: str, overwrite: bool, dataset: str |
     from kd.datasets import load_dataset
     from kd.errors import KDError
     from kd.posthoc import estimate_cmatrix
-    from kd.rundir import load_run_model
+    from kd.rundir import METRICS_FILE, load_run_model, read_run_json
 
     if Path(out).exists() and not overwrite:
         raise KDError(f"{out} exists; pass --overwrite to replace it")
@@ -38,8 +37,8 @@ def from_teacher_command(run_dir: str, out: str, overwrite: bool, dataset: str |
     if list(data.class_names) != list(config["class_names"]):
         raise KDError(f"the dataset's classes differ from those teacher {run_dir} was trained on")
     probs = estimate_cmatrix(net, data, batch_size, Accelerator())
-    metrics_path = Path(run_dir) / "metrics.json"
-    teacher_top1 = json.loads(metrics_path.read_text()).get("test_top1") if metrics_path.is_file() else None
+    has_metrics = (Path(run_dir) / METRICS_FILE).is_file()
+    teacher_top1 = read_run_json(run_dir, METRICS_FILE, "").get("test_top1") if has_metrics else None
     save_cmatrix(out, CMatrix.from_probs(
         probs, class_names=data.class_names, alpha=alpha, source="posthoc", dataset=data.name,
         teacher_model=config["model"], teacher_top1=teacher_top1,

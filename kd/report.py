@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
-from kd.errors import KDError
-from kd.rundir import METRICS_FILE, read_run_config
+from kd.rundir import METRICS_FILE, read_run_config, read_run_json
 
 # (column title, metrics key or None for the run name, format)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -35,13 +33,7 @@ def compare_rows(run_dirs: Sequence[str | os.PathLike]) -> list[dict]:
     rows = []
     for run_dir in run_dirs:
         config = read_run_config(run_dir)
-        path = Path(run_dir) / METRICS_FILE
-        try:
-            metrics = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise KDError(f"{run_dir}: no {METRICS_FILE} (the run did not finish)") from None
-        except (OSError, json.JSONDecodeError) as error:
-            raise KDError(f"{path}: unreadable ({error})") from None
+        metrics = read_run_json(run_dir, METRICS_FILE, "the run did not finish")
         row = {**config, **metrics, "run": Path(run_dir).name}
         row.setdefault("seconds_per_epoch", row.get("train_seconds", 0.0) / max(row.get("epochs", 1), 1))
         rows.append(row)

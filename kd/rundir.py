@@ -152,17 +152,23 @@ def save_model(path: str | os.PathLike, net: nn.Module) -> None:
     save_safetensors_atomic(path, state)
 
 
-def read_run_config(run_dir: str | os.PathLike) -> dict:
-    """config.json of a run directory, with one-line errors for a missing or broken one."""
-    path = Path(run_dir) / CONFIG_FILE
+def read_run_json(run_dir: str | os.PathLike, name: str, when_missing: str) -> dict:
+    """One JSON file of a run directory, with one-line errors for a missing or broken one."""
+    path = Path(run_dir) / name
     if not Path(run_dir).is_dir():
         raise KDError(f"run directory not found: {run_dir}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise KDError(f"{run_dir} is not a run directory: no {CONFIG_FILE}") from None
+        raise KDError(f"{run_dir}: no {name} ({when_missing})") from None
     except (OSError, json.JSONDecodeError) as error:
         raise KDError(f"{path}: unreadable ({error})") from None
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """config.json of a run directory, checked for what rebuilding its model needs."""
+    config = read_run_json(run_dir, CONFIG_FILE, "not a run directory")
+    path = Path(run_dir) / CONFIG_FILE
     missing = [key for key in ("model", "num_classes", "in_channels", "image_size", "class_names") if key not in config]
     if missing:
         raise KDError(f"{path}: missing {', '.join(missing)}")
