@@ -29,6 +29,14 @@ def test_teacher_methods_benchmark_reports_mean_and_std(tmp_path):
     run_script("benchmarks/teacher_methods.py", "--methods", "onehot", "lspp", "--seeds", "0", "1", "--epochs", "1",
                "--results-dir", str(tmp_path), "--", "--max-steps", "2")
     report = json.loads((tmp_path / "teacher_methods_digits.json").read_text())
-    assert [row["method"] for row in report["results"]] == ["onehot", "lspp"]
+    assert [row["variant"] for row in report["results"]] == ["onehot", "lspp"]
     assert all(len(row["runs"]) == 2 for row in report["results"])
     assert "+-" in (tmp_path / "teacher_methods_digits.md").read_text()
+
+
+def test_student_accuracy_benchmark_runs_three_modes_over_seeds(tmp_path):
+    run_script("benchmarks/student_accuracy.py", "--seeds", "0", "1", "--results-dir", str(tmp_path),
+               "--", "--epochs", "1", "--max-steps", "2")
+    report = json.loads((tmp_path / "student_accuracy_digits.json").read_text())
+    assert [row["variant"] for row in report["results"]] == ["proxy (PT-LS++)", "kd (Hinton)", "plain 1-hot"]
+    assert all(len(row["runs"]) == 2 for row in report["results"])

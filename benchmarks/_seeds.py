@@ -1,0 +1,54 @@
+"""Shared by the accuracy benchmarks: run `kd` variants over seeds, summarise, write JSON + markdown."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KD = str(Path(sys.executable).with_name("kd"))
+METRICS = ("test_top1", "test_nll", "test_ece", "test_mean_confidence", "train_seconds")
+
+
+def run_kd(args: list[str], out: Path) -> dict:
+    """One real `kd` run (the code path users get); its metrics.json."""
+    subprocess.run([KD, *args, "--out", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(name: str, seeds: list[int], runs: list[dict]) -> dict:
+    summary = {metric: mean_std([r[metric] for r in runs]) for metric in METRICS}
+    print(f"{name}: top-1 {summary['test_top1'][0]:.4f} +- {summary['test_top1'][1]:.4f}", flush=True)
+    return {"variant": name, "seeds": seeds, "runs": [{k: r[k] for k in METRICS} for r in runs], "summary": summary}
+
+
+def write_report(stem: Path, title: str, command: str, rows: list[dict], extra: dict) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    report = {"command": command, **extra, "machine": platform.machine(), "python": platform.python_version(), "results": rows}
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# {title}",
+        "",
+        f"Command: `{command}`. Last-epoch test metrics, mean +- std over seeds.",
+        "",
+        "| variant | top-1 | NLL | ECE | mean confidence | train s (min / median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        s = row["summary"]
+        times = [r["train_seconds"] for r in row["runs"]]
+        lines.append(
+            f"| {row['variant']} | {s['test_top1'][0]:.4f} +- {s['test_top1'][1]:.4f} | {s['test_nll'][0]:.4f} +- {s['test_nll'][1]:.4f} "
+            f"| {s['test_ece'][0]:.4f} +- {s['test_ece'][1]:.4f} | {s['test_mean_confidence'][0]:.4f} "
+            f"| {min(times):.1f} / {statistics.median(times):.1f} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json and {stem}.md")
