@@ -20,7 +20,8 @@ from kd.engine import FitConfig, TrainModule, fit, make_accelerator
 from kd.lspp import LSPPLoss
 from kd.models import build_model
 from kd.rundir import latest_checkpoint, list_checkpoints
-from tests.test_cli import KD, assert_one_line_error, kd, read_run, kd_in_process
+from tests.test_cli import KD, assert_one_line_error, kd, kd_in_process, read_run
+from tests.test_distributed import TORCHRUN, free_port
 
 # Both runs use one thread: the same kernels in the same order give bitwise-equal results.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -34,21 +35,51 @@ def run_kd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([KD, *args], capture_output=True, text=True, timeout=300, env=ENV)
 
 
-def start_and_kill_after_first_checkpoint(args: list[str], out: Path) -> bool:
-    """Start `kd ...`, SIGKILL it as soon as its first checkpoint is complete; False if it finished first."""
-    process = subprocess.Popen([KD, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (torchrun starts its workers in sessions of their own)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        children = parents.get(queue.pop(), [])
+        found += children
+        queue += children
+    return found
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process and all its descendants at once, and wait until they are gone."""
+    victims = [process.pid, *descendants(process.pid)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=60)
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text() for pid in victims[1:]):
+        time.sleep(0.01)
+
+
+def start_and_kill_after_first_checkpoint(args: list[str], out: Path, launcher: tuple[str, ...] = ()) -> bool:
+    """Start `kd ...` (under `launcher`, e.g. torchrun) and SIGKILL it, with every process it
+    started, as soon as its first checkpoint is complete; False if it finished first."""
+    process = subprocess.Popen([*launcher, KD, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             if latest_checkpoint(out) is not None:
-                os.kill(process.pid, signal.SIGKILL)
+                kill_tree(process)
                 break
             time.sleep(0.005)
         return process.wait(timeout=60) == -signal.SIGKILL
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            kill_tree(process)
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -171,3 +202,27 @@ def test_resume_problems_are_one_line_errors(tmp_path):
     assert result.returncode == 0, result.stderr
     assert_bitwise_equal(before, tensors(out / "model.safetensors"))
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 3
+
+
+def test_killed_two_process_run_resumes_to_the_same_weights_and_cmatrix(tmp_path):
+    """Under torchrun every rank restores its own augmentation and dropout streams."""
+    def launcher() -> tuple[str, ...]:
+        return (TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--no-python")
+
+    args = ["train-teacher", "--epochs", "6", *RUN]
+    killed = tmp_path / "killed"
+    if not start_and_kill_after_first_checkpoint([*args, "--out", str(killed)], killed, launcher()):
+        pytest.fail("the two-process run finished before it could be killed; the test proves nothing")
+    assert not (killed / "model.safetensors").exists()
+    steps = 6 * (1437 // 2 // 32)
+    for out, resume in ((killed, ["--resume"]), (tmp_path / "uninterrupted", [])):
+        result = subprocess.run([*launcher(), KD, *args, "--out", str(out), *resume],
+                                capture_output=True, text=True, timeout=300, env=ENV)
+        assert result.returncode == 0, result.stderr[-2000:]
+    _, metrics = read_run(killed)
+    _, expected = read_run(tmp_path / "uninterrupted")
+    assert metrics["world_size"] == expected["world_size"] == 2
+    assert 0 < metrics["resumed_from_step"] < steps == metrics["steps"] == expected["steps"]
+    assert_bitwise_equal(tensors(killed / "model.safetensors"), tensors(tmp_path / "uninterrupted" / "model.safetensors"))
+    assert_bitwise_equal(tensors(killed / "cmatrix.safetensors"), tensors(tmp_path / "uninterrupted" / "cmatrix.safetensors"))
+    assert metrics["epoch_train_loss"] == expected["epoch_train_loss"]
