@@ -117,7 +117,6 @@ class FitResult:
     grad_accum: int = 1
     effective_batch_size: int = 0  # images per optimizer step over all processes
     resumed_from_step: int | None = None
-    checkpoints_saved: int = 0
 
 
 class TrainState:
@@ -327,7 +326,6 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
     step = state.step
     first_step = step
     micro = 0
-    saved = 0
     module.train()
     start_epoch = step // steps_per_epoch if step < total_steps else epochs_to_run
     for epoch in range(start_epoch, epochs_to_run):
@@ -374,7 +372,6 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
                 train_seconds += time.perf_counter() - started
                 state.capture(step, epoch_losses, train_seconds, epoch_batches, loss_sum)
                 _save_checkpoint(accelerator, config.run_dir, step)
-                saved += 1
                 started = time.perf_counter()
         _synchronize(accelerator.device)
         train_seconds += time.perf_counter() - started
@@ -389,7 +386,6 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
         ):
             state.capture(step, epoch_losses, train_seconds, 0, torch.zeros((), device=accelerator.device))
             _save_checkpoint(accelerator, config.run_dir, step)
-            saved += 1
         if finished:
             break
     progress.close()
@@ -411,5 +407,4 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
         grad_accum=accum,
         effective_batch_size=effective_batch,
         resumed_from_step=resumed_from,
-        checkpoints_saved=saved,
     )

@@ -54,10 +54,6 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def checkpoint_step(path: str | os.PathLike) -> int:
-    return int(_CHECKPOINT_NAME.match(Path(path).name).group(1))
-
-
 def temporary_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     """Where a checkpoint is written before it is complete (the same name on every process)."""
     return Path(run_dir) / CHECKPOINTS_DIR / f"{_TMP_PREFIX}{checkpoint_name(step)}"
