@@ -24,13 +24,12 @@ import zipfile
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
 from kd.cmatrix import load_cmatrix
 from kd.datasets import load_dataset
-from kd.engine import FitConfig, TrainModule, fit
+from kd.engine import FitConfig, TrainModule, fit, make_accelerator
 from kd.kd_losses import HintonKDLoss, ProxyTeacherLoss
 from kd.lspp import cmatrix_from_logits
 from kd.models import build_model, count_parameters
@@ -72,7 +71,7 @@ def main() -> None:
     if args.dataset == "imagefolder":
         ensure_cifar10(args.data_dir)
     data = load_dataset(args.dataset, str(args.data_dir))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = make_accelerator(args.mixed_precision)
 
     if args.teacher:
         teacher, teacher_config = load_run_model(args.teacher)
