@@ -9,7 +9,6 @@ import click
 
 import kd
 from cli.cmatrix_commands import cmatrix_group
-from cli.cmatrix_posthoc import from_teacher_command
 from kd.errors import KDError
 from kd.io import write_text_atomic
 
@@ -127,7 +126,6 @@ def compare_command(run_dirs: tuple[str, ...], markdown_path: str | None, csv_pa
         write_text_atomic(csv_path, to_csv(rows))
 
 
-cmatrix_group.add_command(from_teacher_command)
 cli.add_command(cmatrix_group)
 
 
