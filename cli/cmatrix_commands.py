@@ -78,7 +78,8 @@ def _short(sha: str) -> str:
 
 
 def _write(out: Path, cm, inputs: Sequence[tuple[str, dict]]) -> None:
-    from kd.cmatrix import save_cmatrix, summary_line
+    from cli.cmatrix_display import summary_line
+    from kd.cmatrix import save_cmatrix
 
     save_cmatrix(out, cm)
     origin = ", ".join(f"{path} sha256 {_short(entry['sha256'])}" for path, entry in inputs)
@@ -101,7 +102,8 @@ def cmatrix_validate_command(files: tuple[str, ...], classes_from: str | None, d
     A valid file prints `OK   FILE: K=.. source=.. dataset=.. teacher=.. alpha=..`, an invalid
     one `FAIL FILE: <reason>`. All files are checked; the exit status is 1 if any failed.
     """
-    from kd.cmatrix import CMatrixError, check_class_names, file_sha256, load_cmatrix, summary_line
+    from cli.cmatrix_display import summary_line
+    from kd.cmatrix import CMatrixError, check_class_names, file_sha256, load_cmatrix
 
     expected = _classes_from(classes_from, data_dir) if classes_from is not None else None
     failed = 0
@@ -143,7 +145,8 @@ def cmatrix_validate_command(files: tuple[str, ...], classes_from: str | None, d
     "({class: [[name, prob], ...]}) and the raw metadata."))
 def cmatrix_show_command(file: str, top: int, as_json: bool) -> None:
     """Print, for each class, its top non-target classes and their probabilities."""
-    from kd.cmatrix import format_show, load_cmatrix, show_dict
+    from cli.cmatrix_display import format_show, show_dict
+    from kd.cmatrix import load_cmatrix
 
     cm = load_cmatrix(file)
     if as_json:
@@ -168,7 +171,9 @@ def cmatrix_diff_command(a: str, b: str, as_json: bool) -> None:
     and in B and whether they agree, and Spearman's rank correlation rho of the row. A summary
     line gives the means and the classes found in only one file. Needs 3 shared classes.
     """
-    from kd.cmatrix import diff, format_diff, load_cmatrix
+    from cli.cmatrix_display import format_diff
+    from kd.cmatrix import load_cmatrix
+    from kd.cmatrix_diff import diff
 
     result = diff(load_cmatrix(a), load_cmatrix(b))
     if as_json:
@@ -199,7 +204,8 @@ def cmatrix_subset_command(
     So a C-matrix learned on 100 classes serves a task on 10 of them. The ratios between kept
     entries of a row are unchanged. The result has source=subset and records FILE's SHA-256.
     """
-    from kd.cmatrix import load_cmatrix, source_entry, subset
+    from kd.cmatrix import load_cmatrix
+    from kd.cmatrix_ops import source_entry, subset
 
     if (classes is None) == (classes_from is None):
         raise KDError("subset needs exactly one of --classes A,B,C or --classes-from FILE_OR_DATASET")
@@ -226,7 +232,8 @@ def cmatrix_merge_command(files: tuple[str, ...], out: str, overwrite: bool) -> 
     mean of the files' rows, alpha the mean alpha; teacher_top1 is left unknown. Every file must
     have the same set of class names (use subset first otherwise).
     """
-    from kd.cmatrix import load_cmatrix, merge, source_entry
+    from kd.cmatrix import load_cmatrix
+    from kd.cmatrix_ops import merge, source_entry
 
     if len(files) < 2:
         raise KDError(f"merge needs at least 2 files, got {len(files)}")
@@ -248,7 +255,8 @@ def cmatrix_remap_command(file: str, classes_from: str, data_dir: str | None, ou
 
     The result has source=remap and records FILE's SHA-256. To drop classes, use subset.
     """
-    from kd.cmatrix import load_cmatrix, remap, source_entry
+    from kd.cmatrix import load_cmatrix
+    from kd.cmatrix_ops import remap, source_entry
 
     target = _check_out(out, overwrite)
     names = _classes_from(classes_from, data_dir)

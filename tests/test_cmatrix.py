@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import kd
+from cli.cmatrix_display import format_show, top_neighbours
 from kd.cmatrix import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -22,11 +23,9 @@ from kd.cmatrix import (
     CMatrix,
     CMatrixError,
     check_class_names,
-    format_show,
     load_cmatrix,
     remap_by_name,
     save_cmatrix,
-    top_neighbours,
     validate,
 )
 from kd.errors import KDError

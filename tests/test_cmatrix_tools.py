@@ -15,18 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kd.cmatrix import (
-    CMatrix,
-    diff,
-    js_divergence_bits,
-    load_cmatrix,
-    parse_sources,
-    save_cmatrix,
-    spearman,
-    subset,
-    top_neighbours,
-    validate,
-)
+from cli.cmatrix_display import top_neighbours
+from kd.cmatrix import CMatrix, load_cmatrix, save_cmatrix, validate
+from kd.cmatrix_diff import diff, js_divergence_bits, spearman
+from kd.cmatrix_ops import parse_sources, subset
 from tests.conftest import make_image_folder
 
 KD = str(Path(sys.executable).with_name("kd"))
