@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from torch import nn
 
-from kd.cmatrix import load_cmatrix
+from kd.cmatrix import CMatrix, load_cmatrix
 from kd.datasets import load_dataset
 from kd.engine import FitConfig, TrainModule, fit, make_accelerator
-from kd.kd_losses import HintonKDLoss, ProxyTeacherLoss
-from kd.lspp import cmatrix_from_logits
+from kd.methods import build_method
 from kd.models import build_model, count_parameters
 from kd.rundir import CMATRIX_FILE, load_run_model
 
@@ -39,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CIFAR_ZIP = ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"
 MODES = ("plain", "proxy", "kd")
+METHOD = {"plain": "onehot", "proxy": "proxy", "kd": "kd"}
 
 
 def ensure_cifar10(data_dir: Path) -> Path:
@@ -77,28 +76,24 @@ def main() -> None:
         teacher, teacher_config = load_run_model(args.teacher)
         teacher_name = teacher_config["model"]
         cmatrix = load_cmatrix(args.teacher / CMATRIX_FILE, expected_class_names=data.class_names)
-        c, alpha = cmatrix.probs, cmatrix.alpha
     else:
         set_seed(1)
         teacher = build_model(args.teacher_model, data.num_classes, data.channels, data.image_size).eval()
         teacher_name = f"{args.teacher_model} (random init)"
-        c, alpha = cmatrix_from_logits(torch.zeros(data.num_classes, data.num_classes - 1)), 0.1
+        cmatrix = CMatrix.from_logits(torch.zeros(data.num_classes, data.num_classes - 1), data.class_names, alpha=0.1)
 
     def module_for(mode: str) -> TrainModule:
         set_seed(0)  # the same initial student in every mode
         student = build_model(args.student, data.num_classes, data.channels, data.image_size)
-        if mode == "plain":
-            return TrainModule(student, nn.CrossEntropyLoss())
-        if mode == "proxy":
-            return TrainModule(student, ProxyTeacherLoss(c, alpha))
-        return TrainModule(student, HintonKDLoss(), teacher=teacher)
+        given = {"plain": {}, "proxy": {"cmatrix": cmatrix}, "kd": {"teacher": teacher}}[mode]
+        return TrainModule(student, build_method(METHOD[mode], data.num_classes, data.class_names, **given))
 
     config = FitConfig(epochs=1, batch_size=args.batch_size, lr=0.05, weight_decay=5e-4,
                        seed=0, max_steps=args.steps, evaluate=False)
 
     def step_seconds(mode: str) -> tuple[float, float | None]:
         result = fit(module_for(mode), data, config, accelerator, desc=mode)
-        return result.train_seconds / result.steps, result.teacher_forward_share
+        return result.train_seconds / result.steps, result.method_metrics.get("teacher_forward_share")
 
     print(f"{data.describe()} | student {args.student} | teacher {teacher_name} | {args.steps} steps x {args.repeats} repeats", flush=True)
     for mode in MODES:  # warm-up round, not recorded

@@ -76,38 +76,77 @@ run_options = _apply([
 ])
 
 
+def method_options(stage: str, default_text: str) -> callable:
+    """`--method` and one flag per method parameter, all from the registry's declarations.
+
+    Parameter flags default to None ("not given"): the chosen method's own default applies,
+    and a flag the chosen method does not declare is an error rather than silently ignored.
+    """
+    from kd.methods import format_default, method_names, stage_params
+
+    options = [click.option(
+        "--method", type=click.Choice(method_names(stage)), default=None,
+        help=f"Training method (default: {default_text}). `kd methods` describes each and its parameters.",
+    )]
+    for declared in stage_params(stage).values():
+        param = declared[0][1]
+        if len({p.help for _, p in declared}) == 1:
+            text = f"{', '.join(method for method, _ in declared)}: {param.help}"
+        else:
+            text = "; ".join(f"{method}: {p.help}" for method, p in declared)
+        if param.type is bool:
+            options.append(click.option(param.flag, is_flag=True, default=False, help=f"{text}."))
+            continue
+        defaults = ", ".join(f"{method} {format_default(p.default)}" for method, p in declared)
+        kind = click.Choice(param.choices) if param.choices else param.type
+        options.append(click.option(param.flag, type=kind, default=None, help=f"{text}. Default: {defaults}."))
+    return _apply(options)
+
+
+def _split_method_params(stage: str, options: dict) -> dict:
+    from kd.methods import stage_params
+
+    options["method_params"] = {name: options.pop(name) for name in stage_params(stage)}
+    return options
+
+
 @cli.command("train-teacher")
 @run_options
-@click.option(
-    "--method", type=click.Choice(["onehot", "ls", "lspp"]), default="lspp", show_default=True,
-    help="Targets: 1-hot, label smoothing, or LS++ (learned C-matrix, exported as cmatrix.safetensors).",
-)
-@click.option("--alpha", type=float, default=0.1, show_default=True, help="Smoothing mass a in [0, 1) for ls and lspp.")
+@method_options("teacher", "lspp, which exports cmatrix.safetensors; so does ols")
 def train_teacher_command(**options) -> None:
     """Train a teacher network (with LS++ by default) and export its cmatrix.safetensors."""
-    from teachers.train import TeacherConfig, train_teacher
+    from kd.run import RunConfig
+    from teachers.train import train_teacher
 
-    train_teacher(TeacherConfig(**options))
+    train_teacher(RunConfig(**_split_method_params("teacher", options)))
 
 
 @cli.command("distill")
 @run_options
-@click.option("--proxy", type=click.Path(dir_okay=False), help="C-matrix file: proxy-teacher targets (1-a)*onehot + a*C[y], no teacher network.")
-@click.option("--teacher", type=click.Path(file_okay=False), help="Teacher run directory: classic per-sample KD (Hinton).")
-@click.option(
-    "--method", type=click.Choice(["onehot", "ls"]), default="onehot", show_default=True,
-    help="Plain student only (neither --proxy nor --teacher): 1-hot or label smoothing.",
-)
-@click.option("--alpha", type=float, default=None, help="Proxy: mixing mass a (default: the file's alpha). Plain ls: smoothing (default 0.1).")
-@click.option("--remap-by-name", is_flag=True, help="Proxy: re-order the C-matrix's rows and columns to the dataset's class order by name.")
-@click.option("--temperature", type=float, default=4.0, show_default=True, help="KD: softmax temperature T.")
-@click.option("--kd-weight", type=float, default=0.9, show_default=True, help="KD: weight of T^2 * KL(teacher || student).")
-@click.option("--ce-weight", type=float, default=0.1, show_default=True, help="KD: weight of the cross-entropy with the labels.")
+@click.option("--proxy", type=click.Path(dir_okay=False), help="C-matrix file: proxy-teacher targets (1-a)*onehot + a*C[y], no teacher network (method proxy).")
+@click.option("--teacher", type=click.Path(file_okay=False), help="Teacher run directory: classic per-sample KD (method kd).")
+@method_options("student", "proxy with --proxy, kd with --teacher, onehot with neither")
 def distill_command(**options) -> None:
     """Train a student: from a proxy C-matrix (--proxy), a teacher network (--teacher), or plain labels."""
     from students.distill import StudentConfig, distill
 
-    distill(StudentConfig(**options))
+    distill(StudentConfig(**_split_method_params("student", options)))
+
+
+@cli.command("methods")
+@click.option("--markdown", is_flag=True, help="Print the table as markdown (the README's method table).")
+def methods_command(markdown: bool) -> None:
+    """List the training methods, the stages they serve and their parameters."""
+    from kd.methods import REGISTRY, format_default, get_method, methods_markdown
+
+    if markdown:
+        click.echo(methods_markdown(), nl=False)
+        return
+    for name in REGISTRY:
+        cls = get_method(name)
+        click.echo(f"{name:<7} [{'/'.join(cls.stages)}] {cls.summary}")
+        for param in cls.params:
+            click.echo(f"          {param.flag} ({format_default(param.default)}): {param.help}")
 
 
 @cli.command("compare")

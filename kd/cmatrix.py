@@ -32,7 +32,7 @@ from kd.lspp import cmatrix_from_logits, insert_diagonal, remove_diagonal
 
 FORMAT_NAME = "lspp-cmatrix"
 FORMAT_VERSION = "1.0"
-SOURCES = ("lspp", "posthoc", "subset", "merge", "remap")
+SOURCES = ("lspp", "ols", "posthoc", "subset", "merge", "remap")
 
 READABLE_MAJOR = 1
 REQUIRED_KEYS = (

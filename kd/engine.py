@@ -1,8 +1,8 @@
 """The one training engine, on Accelerate: one CPU, one GPU, many processes, mixed precision.
 
-A stage hands in a network and a criterion; the engine owns the loop, the optimizer and
-schedule, progress display, timing and evaluation. Stages differ only in where targets come
-from and which loss they use (the criterion).
+A stage hands in a network and a method (`kd.methods`); the engine owns the loop, the
+optimizer and schedule, progress display, timing, checkpoints and evaluation, and logs the
+per-epoch mean of every loss part the method returns.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -26,56 +27,32 @@ from kd.datasets import ImageDataset
 from kd.errors import KDError
 from kd.loader import DeviceBatches
 from kd.metrics import classification_metrics
+from kd.methods.base import EpochContext, Method, StepContext
 from kd.rundir import checkpoint_name, commit_checkpoint, temporary_checkpoint_dir
 
 
 # Reading the loss forces a device sync, so the bar's loss and img/s refresh every few steps.
 _PROGRESS_EVERY = 20
-# The teacher's share of step time is measured on every Nth step only: timing needs device
-# syncs, which would slow a GPU pipeline if done on every step.
-_TIME_TEACHER_EVERY = 5
 
 
 class TrainModule(nn.Module):
-    """The network, its criterion and, for classic KD, a frozen teacher, in one module.
+    """The network and its training method (`kd.methods.Method`) in one module.
 
-    `accelerator.prepare` wraps this whole module, so under DDP the criterion's own
-    parameters (the LS++ C logits) have their gradients all-reduced exactly like the
-    network's, and under mixed precision the forward runs in autocast (criteria compute
-    their loss in float32 themselves). The teacher has no trainable parameters, stays in
-    eval mode and runs under no_grad.
+    `accelerator.prepare` wraps this whole module, so under DDP the method's own parameters
+    (the LS++ C logits) have their gradients all-reduced exactly like the network's, and under
+    mixed precision the forward runs in autocast (methods compute their loss in float32
+    themselves). The method is kept under the attribute name `criterion`, so checkpoints keep
+    their parameter names ("criterion.logits").
     """
 
-    def __init__(self, net: nn.Module, criterion: nn.Module, teacher: nn.Module | None = None) -> None:
+    def __init__(self, net: nn.Module, method: Method) -> None:
         super().__init__()
         self.net = net
-        self.criterion = criterion
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
-        self.time_teacher = False  # set by the engine on the steps it samples for timing
-        self.teacher_seconds = 0.0
+        self.criterion = method
 
-    def train(self, mode: bool = True) -> "TrainModule":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(images)
-        if self.teacher is None:
-            return self.criterion(logits, labels), logits
-        if self.time_teacher:
-            _synchronize(images.device)
-            started = time.perf_counter()
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
-        if self.time_teacher:
-            _synchronize(images.device)
-            self.teacher_seconds += time.perf_counter() - started
-        return self.criterion(logits, labels, teacher_logits), logits
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, context: StepContext) -> dict[str, torch.Tensor]:
+        context.images = images
+        return self.criterion(self.net(images), targets, context)
 
     def no_weight_decay(self) -> set[str]:
         names: set[str] = set()
@@ -102,6 +79,10 @@ class FitConfig:
     checkpoint_every_steps: int | None = None  # optimizer steps
     resume_from: str | None = None  # a checkpoint directory to continue from
 
+    @property
+    def checkpointing(self) -> bool:
+        return self.run_dir is not None and bool(self.checkpoint_every_epochs or self.checkpoint_every_steps)
+
 
 @dataclass
 class FitResult:
@@ -110,50 +91,66 @@ class FitResult:
     images_per_second: float
     steps: int  # optimizer steps
     epochs: int
-    epoch_train_loss: list[float] = field(default_factory=list)
+    epoch_loss_parts: dict[str, list[float]] = field(default_factory=dict)  # per-epoch mean of each loss part
+    method_metrics: dict[str, Any] = field(default_factory=dict)  # the method's own (KD: teacher_forward_share)
     peak_memory_mb: float = 0.0
     peak_memory_kind: str = ""
-    teacher_forward_share: float | None = None  # classic KD: share of step time in the teacher's forward
     grad_accum: int = 1
     effective_batch_size: int = 0  # images per optimizer step over all processes
     resumed_from_step: int | None = None
 
+    @property
+    def epoch_train_loss(self) -> list[float]:
+        return self.epoch_loss_parts.get("loss", [])
+
 
 class TrainState:
-    """What Accelerate's `save_state` does not hold itself: where the run is, and the loader's RNG.
+    """What Accelerate's `save_state` does not hold itself: where the run is, and per-process state.
 
-    Registered with `accelerator.register_for_checkpointing`, so it travels in every checkpoint
-    (written by the main process only, which is why `capture` gathers every process's
-    augmentation-generator state and partial loss first).
+    Registered with `accelerator.register_for_checkpointing`, so it travels in every checkpoint.
+    Checkpoints are written by the main process only, which is why `capture` first gathers what
+    differs between processes: the augmentation generator's state, the current epoch's partial
+    loss sums, and the method's `rank_state()` (OLS's accumulators).
     """
 
-    def __init__(self, batches: DeviceBatches, rank: int, world_size: int) -> None:
-        self.batches = batches
+    FORMAT = "kd-train-state/2"
+
+    def __init__(self, batches: DeviceBatches, method: Method, rank: int, world_size: int) -> None:
+        self.batches, self.method = batches, method
         self.rank, self.world_size = rank, world_size
         self.step = 0  # optimizer steps done
-        self.epoch_losses: list[float] = []  # completed epochs' mean train loss
+        self.history: dict[str, list[float]] = {}  # per loss part, completed epochs' means
         self.train_seconds = 0.0
         self.epoch_batches = 0  # micro-batches done in the current epoch
-        self.loss_sums: list[float] = [0.0] * world_size  # per process, current epoch
+        self.part_sums: list[dict[str, float]] = [{} for _ in range(world_size)]  # per process, current epoch
         self.generator_states: list[torch.Tensor] | None = None  # per process
+        self.method_states: list[dict[str, torch.Tensor]] = [{} for _ in range(world_size)]  # per process
 
-    def capture(self, step: int, epoch_losses: list[float], train_seconds: float, epoch_batches: int, loss_sum: torch.Tensor) -> None:
+    def capture(self, step: int, history: dict[str, list[float]], train_seconds: float, epoch_batches: int,
+                part_sums: dict[str, torch.Tensor]) -> None:
         """Record the run's position; a collective call (every process must call it)."""
-        mine = [(self.batches.generator.get_state().cpu(), float(loss_sum.item()))]
+        mine = [(
+            self.batches.generator.get_state().cpu(),
+            {name: float(value.item()) for name, value in part_sums.items()},
+            {name: value.detach().cpu().clone() for name, value in self.method.rank_state().items()},
+        )]
         everyone = gather_object(mine)
-        self.step, self.epoch_losses, self.train_seconds, self.epoch_batches = step, list(epoch_losses), train_seconds, epoch_batches
-        self.generator_states = [state for state, _ in everyone]
-        self.loss_sums = [loss for _, loss in everyone]
+        self.step, self.train_seconds, self.epoch_batches = step, train_seconds, epoch_batches
+        self.history = {name: list(values) for name, values in history.items()}
+        self.generator_states = [generator for generator, _, _ in everyone]
+        self.part_sums = [sums for _, sums, _ in everyone]
+        self.method_states = [method_state for _, _, method_state in everyone]
 
     def state_dict(self) -> dict:
         return {
-            "format": "kd-train-state/1",
+            "format": self.FORMAT,
             "step": self.step,
-            "epoch_losses": self.epoch_losses,
+            "history": self.history,
             "train_seconds": self.train_seconds,
             "epoch_batches": self.epoch_batches,
-            "loss_sums": self.loss_sums,
+            "part_sums": self.part_sums,
             "generator_states": self.generator_states,
+            "method_states": self.method_states,
             "world_size": self.world_size,
         }
 
@@ -163,13 +160,21 @@ class TrainState:
                 f"--resume: the checkpoint was written by {state['world_size']} process(es), this run has "
                 f"{self.world_size}; resume with the same number of processes"
             )
+        if state.get("format") == "kd-train-state/1":  # kd 0.1: one loss, no method state
+            state = {
+                **state, "history": {"loss": state["epoch_losses"]},
+                "part_sums": [{"loss": loss} for loss in state["loss_sums"]],
+                "method_states": [{} for _ in range(self.world_size)],
+            }
         self.step = int(state["step"])
-        self.epoch_losses = list(state["epoch_losses"])
+        self.history = {name: list(values) for name, values in state["history"].items()}
         self.train_seconds = float(state["train_seconds"])
         self.epoch_batches = int(state["epoch_batches"])
-        self.loss_sums = list(state["loss_sums"])
+        self.part_sums = list(state["part_sums"])
         self.generator_states = state["generator_states"]
+        self.method_states = list(state["method_states"])
         self.batches.generator.set_state(self.generator_states[self.rank])
+        self.method.load_rank_state(self.method_states[self.rank])
 
 
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
@@ -276,6 +281,151 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: str, step: int) -> Path:
     return final
 
 
+@dataclass
+class _Plan:
+    """How many optimizer steps the run takes, and how they fall into epochs."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def steps_in(self, epoch: int) -> int:
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+    def first_epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch if step < self.total_steps else self.epochs
+
+
+class _Loop:
+    """The training loop of one `fit` call: position, timing, per-epoch loss parts, checkpoints."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 batches: DeviceBatches, state: TrainState, plan: _Plan, config: FitConfig, accelerator: Accelerator, desc: str) -> None:
+        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.batches, self.state, self.plan, self.config, self.accelerator = batches, state, plan, config, accelerator
+        self.method: Method = accelerator.unwrap_model(module).criterion
+        self.desc = desc
+        self.accum = accelerator.gradient_accumulation_steps
+        self.effective_batch = config.batch_size * self.accum * accelerator.num_processes
+        self.step = self.first_step = state.step
+        self.train_seconds = self.seconds_before = state.train_seconds
+        self.history = {name: list(values) for name, values in state.history.items()}
+        self.progress = tqdm(
+            total=plan.total_steps, initial=min(self.step, plan.total_steps), desc=desc, unit="step",
+            disable=not accelerator.is_main_process, dynamic_ncols=True,
+            mininterval=0.2 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s, not every step
+        )
+        self._clock = 0.0
+
+    def run(self) -> None:
+        self.module.train()
+        first = self.plan.first_epoch(self.step)
+        for epoch in range(first, self.plan.epochs):
+            self._train_epoch(epoch, resumed=epoch == first)
+            if self.step >= self.plan.total_steps:
+                break
+        self.progress.close()
+
+    # Training time excludes checkpoint writing: the clock pauses around it.
+    def _start_clock(self) -> None:
+        _synchronize(self.accelerator.device)
+        self._clock = time.perf_counter()
+
+    def _stop_clock(self) -> None:
+        _synchronize(self.accelerator.device)
+        self.train_seconds += time.perf_counter() - self._clock
+
+    def _train_epoch(self, epoch: int, resumed: bool) -> None:
+        done = self.step - epoch * self.plan.steps_per_epoch  # > 0 only when resuming mid-epoch
+        self.batches.set_epoch(epoch, done * self.accum, self.plan.steps_in(epoch) * self.accum)
+        self.progress.set_description(f"{self.desc} epoch {epoch + 1}/{self.plan.epochs}")
+        device = self.accelerator.device
+        if resumed:
+            own = self.state.part_sums[self.accelerator.process_index]
+            sums = {name: torch.tensor(value, device=device) for name, value in own.items()}
+            count = self.state.epoch_batches
+        else:
+            sums, count = {}, 0
+        self._start_clock()
+        for images, targets, _ in self.batches:
+            parts = self._micro_step(images, targets, epoch)
+            for name, value in parts.items():
+                sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
+            count += 1
+            if not self.accelerator.sync_gradients:
+                continue
+            self.step += 1
+            self.progress.update(1)
+            if self.step % _PROGRESS_EVERY == 0 and self.accelerator.is_main_process:
+                self._show_progress(sums["loss"].item() / count)
+            every = self.config.checkpoint_every_steps
+            end_of_epoch = epoch * self.plan.steps_per_epoch + self.plan.steps_in(epoch)
+            if self.config.checkpointing and every and self.step % every == 0 and self.step < end_of_epoch:
+                self._stop_clock()
+                self._checkpoint(count, sums)
+                self._start_clock()
+        self._stop_clock()
+        self._end_epoch(epoch, sums, count)
+
+    def _micro_step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        context = StepContext(epoch=epoch, step=self.step, total_steps=self.plan.total_steps, steps_per_epoch=self.plan.steps_per_epoch)
+        with self.accelerator.accumulate(self.module):
+            parts = self.module(images, targets, context)
+            self.accelerator.backward(parts["loss"])  # divides by the accumulation steps
+            if self.accelerator.sync_gradients:
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return parts
+
+    def _show_progress(self, loss: float) -> None:
+        seconds = self.train_seconds + time.perf_counter() - self._clock - self.seconds_before
+        images = (self.step - self.first_step) * self.effective_batch
+        self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / max(seconds, 1e-9):.0f}", refresh=False)
+
+    def _end_epoch(self, epoch: int, sums: dict[str, torch.Tensor], count: int) -> None:
+        names = list(sums)
+        means = self.accelerator.reduce(torch.stack([sums[name] / max(count, 1) for name in names]), reduction="mean")
+        for name, mean in zip(names, means.tolist()):
+            self.history.setdefault(name, []).append(mean)
+        self.progress.set_postfix(loss=f"{self.history['loss'][-1]:.4f}")
+        self.method.on_epoch_end(EpochContext(
+            epoch=epoch, step=self.step, total_steps=self.plan.total_steps,
+            all_reduce_sum=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
+        ))
+        every_epochs, every_steps = self.config.checkpoint_every_epochs, self.config.checkpoint_every_steps
+        if self.config.checkpointing and (
+            self.step >= self.plan.total_steps
+            or (every_epochs and (epoch + 1) % every_epochs == 0)
+            or (every_steps and self.step % every_steps == 0)
+        ):
+            self._checkpoint(0, {})
+
+    def _checkpoint(self, epoch_batches: int, sums: dict[str, torch.Tensor]) -> None:
+        self.state.capture(self.step, self.history, self.train_seconds, epoch_batches, sums)
+        _save_checkpoint(self.accelerator, self.config.run_dir, self.step)
+
+    def result(self, metrics: dict[str, float]) -> FitResult:
+        memory_mb, memory_kind = peak_memory(self.accelerator.device)
+        return FitResult(
+            metrics=metrics,
+            train_seconds=self.train_seconds,
+            images_per_second=self.step * self.effective_batch / self.train_seconds if self.train_seconds > 0 else 0.0,
+            steps=self.step,
+            epochs=len(self.history.get("loss", [])),
+            epoch_loss_parts=self.history,
+            method_metrics=self.method.train_metrics(self.train_seconds - self.seconds_before),
+            peak_memory_mb=memory_mb,
+            peak_memory_kind=memory_kind,
+            grad_accum=self.accum,
+            effective_batch_size=self.effective_batch,
+            resumed_from_step=self.first_step if self.config.resume_from else None,
+        )
+
+
 def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator: Accelerator, *, desc: str = "train") -> FitResult:
     """Train `module` on `data`'s training split, then evaluate on its test split.
 
@@ -285,126 +435,32 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
     whole number of optimizer steps (left-over micro-batches are dropped, like the last
     incomplete batch), so accumulation never straddles an epoch boundary.
     """
-    accum = accelerator.gradient_accumulation_steps
-    train_batches = DeviceBatches(
+    batches = DeviceBatches(
         data, "train", config.batch_size, accelerator.device,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=config.seed,
     )
-    steps_per_epoch = optimizer_steps_per_epoch(train_batches.num_samples, config.batch_size, accelerator.num_processes, accum)
+    steps_per_epoch = optimizer_steps_per_epoch(
+        batches.num_samples, config.batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps,
+    )
     total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    epochs_to_run = math.ceil(total_steps / steps_per_epoch)
-    every_epochs, every_steps = config.checkpoint_every_epochs, config.checkpoint_every_steps
-    checkpointing = config.run_dir is not None and bool(every_epochs or every_steps)
+    plan = _Plan(steps_per_epoch, total_steps if config.max_steps is None else min(total_steps, config.max_steps))
 
     optimizer = build_optimizer(module, config.lr, config.weight_decay, config.momentum)
-    schedule = WarmupCosine(total_steps, warmup_steps=round(config.warmup_fraction * total_steps))
+    schedule = WarmupCosine(plan.total_steps, warmup_steps=round(config.warmup_fraction * plan.total_steps))
+    # Stepped by hand once per optimizer step: Accelerate's wrapper would step it once per
+    # process, but `total_steps` already counts per-process steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    # The scheduler is stepped by hand once per optimizer step: Accelerate's wrapper would
-    # step it once per process, but `total_steps` already counts per-process steps.
     module, optimizer = accelerator.prepare(module, optimizer)
     inner = accelerator.unwrap_model(module)
-    state = TrainState(train_batches, accelerator.process_index, accelerator.num_processes)
-    if checkpointing or config.resume_from:
+    state = TrainState(batches, inner.criterion, accelerator.process_index, accelerator.num_processes)
+    if config.checkpointing or config.resume_from:
         accelerator.register_for_checkpointing(scheduler, state)
-    resumed_from = None
     if config.resume_from:
-        # Model (network + C logits), optimizer, scheduler, python/numpy/torch RNG, and `state`.
+        # Model (network + method parameters and buffers), optimizer, scheduler, python/numpy/torch RNG, and `state`.
         accelerator.load_state(str(config.resume_from))
-        resumed_from = state.step
-    timed_step_seconds = 0.0
 
-    effective_batch = config.batch_size * accum * accelerator.num_processes
-    progress = tqdm(
-        total=total_steps, initial=min(state.step, total_steps), desc=desc, unit="step",
-        disable=not accelerator.is_main_process, dynamic_ncols=True,
-        mininterval=0.2 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s, not every step
-    )
-    train_seconds = state.train_seconds
-    epoch_losses: list[float] = list(state.epoch_losses)
-    step = state.step
-    first_step = step
-    micro = 0
-    module.train()
-    start_epoch = step // steps_per_epoch if step < total_steps else epochs_to_run
-    for epoch in range(start_epoch, epochs_to_run):
-        done_in_epoch = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
-        epoch_end = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-        train_batches.set_epoch(epoch, done_in_epoch * accum, epoch_end * accum)
-        progress.set_description(f"{desc} epoch {epoch + 1}/{epochs_to_run}")
-        if epoch == start_epoch:
-            loss_sum = torch.tensor(state.loss_sums[accelerator.process_index], device=accelerator.device)
-            epoch_batches = state.epoch_batches
-        else:
-            loss_sum = torch.zeros((), device=accelerator.device)
-            epoch_batches = 0
-        _synchronize(accelerator.device)
-        started = time.perf_counter()
-        for images, labels, _ in train_batches:
-            timed = inner.teacher is not None and micro % _TIME_TEACHER_EVERY == 0
-            if timed:
-                _synchronize(accelerator.device)
-                step_started = time.perf_counter()
-            inner.time_teacher = timed
-            with accelerator.accumulate(module):
-                loss, _ = module(images, labels)
-                accelerator.backward(loss)  # divides by the accumulation steps
-                if accelerator.sync_gradients:
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if timed:
-                _synchronize(accelerator.device)
-                timed_step_seconds += time.perf_counter() - step_started
-            loss_sum += loss.detach()
-            micro += 1
-            epoch_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if step % _PROGRESS_EVERY == 0 and accelerator.is_main_process:
-                elapsed = train_seconds + time.perf_counter() - started
-                progress.set_postfix(loss=f"{loss_sum.item() / epoch_batches:.4f}", img_s=f"{(step - first_step) * effective_batch / max(elapsed - state.train_seconds, 1e-9):.0f}", refresh=False)
-            if checkpointing and every_steps and step % every_steps == 0 and step < epoch * steps_per_epoch + epoch_end:
-                _synchronize(accelerator.device)
-                train_seconds += time.perf_counter() - started
-                state.capture(step, epoch_losses, train_seconds, epoch_batches, loss_sum)
-                _save_checkpoint(accelerator, config.run_dir, step)
-                started = time.perf_counter()
-        _synchronize(accelerator.device)
-        train_seconds += time.perf_counter() - started
-        mean_loss = accelerator.reduce(loss_sum / max(epoch_batches, 1), reduction="mean").item()
-        epoch_losses.append(mean_loss)
-        progress.set_postfix(loss=f"{mean_loss:.4f}")
-        finished = step >= total_steps
-        if checkpointing and (
-            finished
-            or (every_epochs and (epoch + 1) % every_epochs == 0)
-            or (every_steps and step % every_steps == 0)
-        ):
-            state.capture(step, epoch_losses, train_seconds, 0, torch.zeros((), device=accelerator.device))
-            _save_checkpoint(accelerator, config.run_dir, step)
-        if finished:
-            break
-    progress.close()
-
-    inner.time_teacher = False
+    loop = _Loop(module, optimizer, scheduler, batches, state, plan, config, accelerator, desc)
+    loop.run()
     sync_buffers(inner, accelerator)
     metrics = evaluate(inner.net, data, config.batch_size, accelerator) if config.evaluate else {}
-    memory_mb, memory_kind = peak_memory(accelerator.device)
-    return FitResult(
-        metrics=metrics,
-        train_seconds=train_seconds,
-        images_per_second=step * effective_batch / train_seconds if train_seconds > 0 else 0.0,
-        steps=step,
-        epochs=len(epoch_losses),
-        epoch_train_loss=epoch_losses,
-        peak_memory_mb=memory_mb,
-        peak_memory_kind=memory_kind,
-        teacher_forward_share=inner.teacher_seconds / timed_step_seconds if timed_step_seconds > 0 else None,
-        grad_accum=accum,
-        effective_batch_size=effective_batch,
-        resumed_from_step=resumed_from,
-    )
+    return loop.result(metrics)

@@ -29,6 +29,23 @@ class ProxyTeacherLoss(nn.Module):
         return soft_target_cross_entropy(student_logits, self.targets(labels))
 
 
+def hinton_terms(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE(s, y), KL(softmax(t / T) || softmax(s / T))), batch means in float32 even under mixed precision.
+
+    `targets` are class indices (N,) or label distributions (N, K) (soft cross-entropy then).
+    """
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        student = student_logits.float()
+        ce = F.cross_entropy(student, targets.long()) if targets.dim() == 1 else soft_target_cross_entropy(student, targets)
+        kl = F.kl_div(
+            F.log_softmax(student / temperature, dim=1),
+            F.log_softmax(teacher_logits.float() / temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+    return ce, kl
+
+
 class HintonKDLoss(nn.Module):
     """ce_weight * CE(s, y) + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T)).
 
@@ -43,13 +60,5 @@ class HintonKDLoss(nn.Module):
         self.ce_weight = float(ce_weight)
 
     def forward(self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=student_logits.device.type, enabled=False):
-            student = student_logits.float()
-            t = self.temperature
-            kl = F.kl_div(
-                F.log_softmax(student / t, dim=1),
-                F.log_softmax(teacher_logits.float() / t, dim=1),
-                reduction="batchmean",
-                log_target=True,
-            )
-            return self.ce_weight * F.cross_entropy(student, labels) + self.kd_weight * t * t * kl
+        ce, kl = hinton_terms(student_logits, labels, teacher_logits, self.temperature)
+        return self.ce_weight * ce + self.kd_weight * self.temperature**2 * kl

@@ -116,6 +116,36 @@ def _xlogy_sum(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (p * safe_log_q).sum(dim=-1)
 
 
+C_LOSSES = ("detached", "ce", "sce")
+
+
+def lspp_terms(net_logits: torch.Tensor, labels: torch.Tensor, c_logits: torch.Tensor, alpha: float, c_loss: str = "detached") -> dict[str, torch.Tensor]:
+    """The LS++ loss terms for hard labels (N,) or label distributions (N, K); their sum is the loss.
+
+    `c_loss` selects how C is trained (the paper's Table 5 / Fig. 6 ablation):
+
+    * "detached" (the paper's): `network` = H(t.detach(), p) trains the network only and
+      `cmatrix` = H(p.detach(), t) trains C only;
+    * "ce": plain cross-entropy H(t, p), with gradients reaching C through the target
+      (which drives each row of C towards one class);
+    * "sce": the original symmetric cross-entropy H(t, p) + H(p, t), both terms updating both sides.
+    """
+    if c_loss not in C_LOSSES:
+        raise ValueError(f"c_loss must be one of {', '.join(C_LOSSES)}, got {c_loss!r}")
+    with torch.autocast(device_type=net_logits.device.type, enabled=False):
+        log_p = F.log_softmax(net_logits.float(), dim=1)
+        log_t = log_targets(labels, log_cmatrix_from_logits(c_logits), alpha)
+        if c_loss == "detached":
+            return {
+                "network": -_xlogy_sum(log_t.detach().exp(), log_p).mean(),
+                "cmatrix": -_xlogy_sum(log_p.detach().exp(), log_t).mean(),
+            }
+        terms = {"ce": -_xlogy_sum(log_t.exp(), log_p).mean()}
+        if c_loss == "sce":
+            terms["rce"] = -_xlogy_sum(log_p.exp(), log_t).mean()
+        return terms
+
+
 class LSPPLoss(nn.Module):
     """LS++ criterion holding the learnable K x (K-1) C logits.
 
@@ -144,11 +174,7 @@ class LSPPLoss(nn.Module):
         return log_targets(labels, log_cmatrix_from_logits(self.logits), self.alpha).exp()
 
     def forward(self, net_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=net_logits.device.type, enabled=False):
-            log_p = F.log_softmax(net_logits.float(), dim=1)
-            log_t = log_targets(labels, log_cmatrix_from_logits(self.logits), self.alpha)
-            network_term = soft_target_cross_entropy(net_logits, log_t.detach().exp())
-            if self.alpha == 0.0:
-                return network_term + 0.0 * self.logits.sum()  # C is untouched, but stays "used" for DDP
-            cmatrix_term = -_xlogy_sum(log_p.detach().exp(), log_t).mean()
-            return network_term + cmatrix_term
+        terms = lspp_terms(net_logits, labels, self.logits, self.alpha)
+        if self.alpha == 0.0:
+            return terms["network"] + 0.0 * self.logits.sum()  # C is untouched, but stays "used" for DDP
+        return terms["network"] + terms["cmatrix"]

@@ -1,25 +1,25 @@
 """One way to run a stage: accelerator, run directory, data, model, engine, artifacts.
 
-The teacher and student stages differ only in the criterion (and, for classic KD, a frozen
-teacher network) they hand to `run_stage`; everything else, including which files land in
-the run directory and what `config.json` and `metrics.json` hold, is shared here.
+The teacher and student stages differ only in the method (`kd.methods`) they hand to
+`run_stage`; everything else, including which files land in the run directory and what
+`config.json` and `metrics.json` hold, is shared here.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from accelerate.utils import set_seed
-from torch import nn
 
 import kd
 from kd.datasets import ImageDataset, load_dataset
-from kd.engine import FitConfig, FitResult, TrainModule, fit, make_accelerator, optimizer_steps_per_epoch
+from kd.engine import FitConfig, TrainModule, fit, make_accelerator, optimizer_steps_per_epoch
 from kd.errors import KDError
 from kd.io import write_json_atomic
+from kd.methods import ExportInfo, Method, all_param_names
 from kd.models import build_model
 from kd.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, latest_checkpoint, prepare_run_dir, read_run_config, save_model
 
@@ -46,14 +46,20 @@ class RunConfig:
     checkpoint_every: int | None = None  # epochs
     checkpoint_every_steps: int | None = None  # optimizer steps
     resume: bool = False
+    method: str | None = None  # None: the stage's default
+    # Method parameters as given (None or False: not given); resolved against the method's
+    # declaration, and recorded resolved in config.json.
+    method_params: dict[str, Any] = field(default_factory=dict)
 
 
 # config.json keys that must match for `--resume` to continue the same run: anything that
-# changes the model, the data, the targets, the schedule or the random streams.
+# changes the model, the data, the targets, the schedule or the random streams; and every
+# method parameter.
 RESUME_KEYS = (
     "stage", "model", "dataset", "dataset_name", "num_classes", "class_names", "in_channels", "image_size",
-    "method", "mode", "alpha", "proxy", "teacher", "temperature", "kd_weight", "ce_weight", "remap_by_name",
+    "method", "mode", "proxy", "teacher",
     "seed", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "mixed_precision", "world_size",
+    *all_param_names(),
 )
 
 
@@ -94,28 +100,18 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_alpha(alpha: float) -> None:
-    if not 0.0 <= alpha < 1.0:
-        raise KDError(f"--alpha must be in [0, 1), got {alpha}")
-
-
-@dataclass
-class Objective:
-    """What a stage trains with: the criterion, an optional frozen teacher, and run-card facts."""
-
-    criterion: nn.Module
-    teacher: nn.Module | None = None
-    card: dict[str, Any] | None = None  # merged into config.json and metrics.json (method, target source, ...)
-
-
 def run_stage(
     stage: str,
     config: RunConfig,
     extra_config: dict[str, Any],
-    make_objective: Callable[[ImageDataset], Objective],
-    write_artifacts: Callable[[Path, ImageDataset, Objective, FitResult], None] | None = None,
+    make_method: Callable[[ImageDataset], Method],
 ) -> Path:
-    """Train `config.model` on `config.dataset` with the stage's objective; write the run directory."""
+    """Train `config.model` on `config.dataset` with the stage's method; write the run directory.
+
+    `make_method` builds the method once the data is known (class count and names); the
+    method's parameters must already be resolved and checked, so bad flags fail before any
+    data is read.
+    """
     check_run_config(config)
     accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -127,14 +123,15 @@ def run_stage(
     set_seed(config.seed)
 
     data = load_dataset(config.dataset, config.data_dir, download=config.download, image_size=config.image_size)
-    # The student is built before the objective so a teacher's construction does not shift the
-    # random stream: the same seed gives the same initial student in every mode.
+    # The student is built before the method so a teacher's construction does not shift the
+    # random stream: the same seed gives the same initial student with every method.
     net = build_model(config.model, data.num_classes, data.channels, data.image_size)
-    objective = make_objective(data)
-    card = {"stage": stage, **(objective.card or {})}
+    method = make_method(data)
+    card = {"stage": stage, **method.card()}
     optimizer_steps_per_epoch(len(data.train), config.batch_size, accelerator.num_processes, config.grad_accum)
+    flags = {key: value for key, value in asdict(config).items() if key != "method_params"}
     run_config = {
-        **asdict(config),
+        **flags,
         **extra_config,
         **card,
         "dataset_name": data.name,
@@ -163,13 +160,14 @@ def run_stage(
         checkpoint_every_steps=config.checkpoint_every_steps,
         resume_from=str(resume_from) if resume_from is not None else None,
     )
-    module = TrainModule(net, objective.criterion, teacher=objective.teacher)
-    result = fit(module, data, fit_config, accelerator, desc=stage)
+    result = fit(TrainModule(net, method), data, fit_config, accelerator, desc=stage)
 
     if accelerator.is_main_process:
         save_model(out / MODEL_FILE, net)
-        if write_artifacts is not None:
-            write_artifacts(out, data, objective, result)
+        method.export(out, ExportInfo(
+            class_names=tuple(data.class_names), dataset=data.name, model=config.model,
+            test_top1=result.metrics.get("test_top1"),
+        ))
         metrics = {
             **card,
             "model": config.model,
@@ -181,8 +179,9 @@ def run_stage(
             "images_per_second": result.images_per_second,
             "peak_memory_mb": result.peak_memory_mb,
             "peak_memory_kind": result.peak_memory_kind,
-            "teacher_forward_share": result.teacher_forward_share,
+            **result.method_metrics,
             "epoch_train_loss": result.epoch_train_loss,
+            "epoch_loss_parts": result.epoch_loss_parts,
             "num_classes": data.num_classes,
             "class_names": list(data.class_names),
             "world_size": accelerator.num_processes,

@@ -27,7 +27,7 @@ from torch import nn
 from kd.datasets import ImageDataset, InMemorySplit
 from kd.engine import FitConfig, TrainModule, fit, make_accelerator
 from kd.loader import shard_indices
-from kd.lspp import LSPPLoss
+from kd.methods import build_method
 from kd.metrics import classification_metrics
 
 NUM_CLASSES = 4
@@ -77,7 +77,7 @@ def run(mode: str, out: Path, accelerator) -> None:
     torch.manual_seed(0)  # the same initial network on every rank (DDP would broadcast it anyway)
     data = make_data()
     net = RecordingNet()
-    module = TrainModule(net, LSPPLoss(NUM_CLASSES, alpha=0.3))
+    module = TrainModule(net, build_method("lspp", NUM_CLASSES, alpha=0.3))
     if mode == "nosync":
         module._ddp_params_and_buffers_to_ignore = ["criterion.logits"]
     config = FitConfig(epochs=EPOCHS, batch_size=BATCH, lr=0.5, weight_decay=0.0, seed=3, warmup_fraction=0.0)

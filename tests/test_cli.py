@@ -146,7 +146,7 @@ def test_bad_input_ends_in_one_line_error(tmp_path):
         (["--alpha", "-0.2"], "--alpha"),
         (["--epochs", "0"], "--epochs"),
         (["--batch-size", "0"], "--batch-size"),
-        (["--method", "focal"], "--method"),
+        (["--method", "nosuch"], "--method"),
     ]
     for args, fragment in cases:
         assert_one_line_error(kd_in_process("train-teacher", "--out", out, *FAST, *args), fragment)

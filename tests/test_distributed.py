@@ -19,7 +19,7 @@ from kd.cmatrix import load_cmatrix
 from kd.datasets import load_dataset
 from kd.engine import FitConfig, TrainModule, fit, make_accelerator
 from kd.loader import DeviceBatches
-from kd.lspp import LSPPLoss
+from kd.methods import StepContext, build_method
 from kd.metrics import classification_metrics
 from kd.models import build_model
 from kd.rundir import load_run_model
@@ -144,7 +144,7 @@ def _one_run(data, batch_size: int, grad_accum: int, steps: int) -> dict[str, to
     accelerator = make_accelerator(grad_accum=grad_accum)
     torch.manual_seed(0)
     net = build_model("lenet", data.num_classes, data.channels, data.image_size)  # no BatchNorm, no dropout
-    module = TrainModule(net, LSPPLoss(data.num_classes, alpha=0.2))
+    module = TrainModule(net, build_method("lspp", data.num_classes, alpha=0.2))
     config = FitConfig(epochs=1, batch_size=batch_size, lr=0.2, weight_decay=5e-4, seed=0, max_steps=steps, evaluate=False)
     result = fit(module, data, config, accelerator)
     assert result.steps == steps and result.grad_accum == grad_accum
@@ -185,13 +185,14 @@ def test_bf16_keeps_the_lspp_loss_and_c_matrix_in_float32(fresh_accelerate_state
     accelerator = make_accelerator("bf16")
     data = load_dataset("digits")
     net = build_model("small_cnn", data.num_classes, data.channels, data.image_size)
-    module = accelerator.prepare(TrainModule(net, LSPPLoss(data.num_classes)))
+    module = accelerator.prepare(TrainModule(net, build_method("lspp", data.num_classes)))
     images, labels, _ = next(iter(DeviceBatches(data, "train", 16, accelerator.device)))
     seen = []
     net.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
-    loss, _ = module(images, labels)
+    parts = module(images, labels, StepContext(epoch=0, step=0, total_steps=1, steps_per_epoch=1))
+    loss = parts["loss"]
     assert seen == [torch.bfloat16]  # the network's forward really ran in autocast
-    assert loss.dtype == torch.float32
+    assert all(part.dtype == torch.float32 for part in parts.values())
     accelerator.backward(loss)
     criterion = accelerator.unwrap_model(module).criterion
     assert criterion.logits.dtype == torch.float32 and criterion.logits.grad.dtype == torch.float32

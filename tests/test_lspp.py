@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kd.engine import TrainModule, build_optimizer
+from kd.methods import build_method
 from kd.lspp import LSPPLoss, cmatrix_from_logits, insert_diagonal, remove_diagonal
 
 
@@ -190,7 +191,7 @@ def test_rejects_alpha_outside_unit_interval(alpha):
 
 
 def test_c_logits_are_parameters_of_the_prepared_module_without_weight_decay():
-    module = TrainModule(nn.Linear(4, 3), LSPPLoss(3))
+    module = TrainModule(nn.Linear(4, 3), build_method("lspp", 3))
     assert any(p is module.criterion.logits for p in module.parameters())
     optimizer = build_optimizer(module, lr=0.1, weight_decay=5e-4, momentum=0.9)
     group_of_c = [g for g in optimizer.param_groups if any(p is module.criterion.logits for p in g["params"])]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from kd.datasets import load_dataset
 from kd.engine import FitConfig, TrainModule, fit, make_accelerator
-from kd.lspp import LSPPLoss
+from kd.methods import build_method
 from kd.models import build_model
 from kd.rundir import latest_checkpoint, list_checkpoints
 from tests.test_cli import KD, assert_one_line_error, kd, kd_in_process, read_run
@@ -161,7 +161,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monk
     GradientState._reset_state()
     accelerator = make_accelerator()
     data = load_dataset("digits")
-    module = TrainModule(build_model("tiny_cnn", 10, 1, 8), LSPPLoss(10))
+    module = TrainModule(build_model("tiny_cnn", 10, 1, 8), build_method("lspp", 10))
     config = FitConfig(epochs=3, batch_size=64, lr=0.05, weight_decay=5e-4, run_dir=str(tmp_path), checkpoint_every_epochs=1, evaluate=False)
 
     real_save_state = accelerator.save_state

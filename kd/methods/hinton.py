@@ -1,0 +1,87 @@
+"""Classic knowledge distillation (Hinton et al. 2015): a frozen teacher network's per-sample soft predictions.
+
+    loss = ce_weight * CE(s, y) + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+The weights are named explicitly because torchdistill's and RepDistiller's "alpha" mean
+opposite things. The teacher lives in this module (frozen, always in eval mode, under
+no_grad) and runs on the same augmented batch as the student; on every 5th batch its forward
+pass is timed, which gives the share of training time the teacher costs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from kd.kd_losses import hinton_terms
+from kd.methods.base import Method, Setup, StepContext, non_negative, positive, weights_not_both_zero
+
+# Timing needs device syncs, which would slow a GPU pipeline if done on every step.
+_TIME_EVERY = 5
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class HintonKD(Method):
+    name = "kd"
+    summary = "classic KD (Hinton): CE plus T^2 KL to a teacher network's softened outputs, per sample (--teacher RUN_DIR)"
+    stages = ("student",)
+    needs = "teacher"
+    params = (
+        positive("temperature", 4.0, "softmax temperature T"),
+        non_negative("kd_weight", 0.9, "weight of T^2 * KL(teacher || student)"),
+        non_negative("ce_weight", 0.1, "weight of the cross-entropy with the labels"),
+    )
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        weights_not_both_zero(params, "kd_weight", "ce_weight")
+
+    def __init__(self, setup: Setup) -> None:
+        super().__init__(setup)
+        self.teacher = setup.teacher.requires_grad_(False).eval()
+        self.teacher_model = setup.teacher_model
+        self.calls = 0
+        self.timed_calls = 0
+        self.teacher_seconds = 0.0
+
+    def train(self, mode: bool = True) -> "HintonKD":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        timed = self.calls % _TIME_EVERY == 0
+        self.calls += 1
+        if timed:
+            _synchronize(images.device)
+            started = time.perf_counter()
+        with torch.no_grad():
+            logits = self.teacher(images)
+        if timed:
+            _synchronize(images.device)
+            self.teacher_seconds += time.perf_counter() - started
+            self.timed_calls += 1
+        return logits
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, context: StepContext) -> dict[str, torch.Tensor]:
+        teacher_logits = self._teacher_logits(context.images)
+        t = self.hparams["temperature"]
+        ce, kl = hinton_terms(logits, targets, teacher_logits, t)
+        loss = self.hparams["ce_weight"] * ce + self.hparams["kd_weight"] * t * t * kl
+        return {"loss": loss, "ce": ce, "kl": kl}
+
+    def target_source(self) -> str:
+        return f"teacher {self.teacher_model} (per sample)"
+
+    def train_metrics(self, train_seconds: float) -> dict[str, Any]:
+        """The teacher forward's share of training time: its mean timed cost times every call."""
+        if not self.timed_calls or train_seconds <= 0:
+            return {"teacher_forward_share": None}
+        estimate = self.teacher_seconds / self.timed_calls * self.calls
+        return {"teacher_forward_share": min(estimate / train_seconds, 1.0)}

@@ -1,0 +1,57 @@
+"""Label Smoothing++ (Chhabra et al.): a learned K x K C-matrix of class-level soft targets.
+
+The loss itself is `kd.lspp.lspp_terms` (log-space, float32, split gradients); this file
+makes it a method: the C logits as a parameter (no weight decay), the `--c-loss` ablation,
+and the export of cmatrix.safetensors at the end of training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kd.cmatrix import CMatrix, save_cmatrix
+from kd.lspp import C_LOSSES, lspp_terms
+from kd.methods.base import ExportInfo, Method, Param, Setup, StepContext
+from kd.rundir import CMATRIX_FILE
+
+
+class LSPP(Method):
+    name = "lspp"
+    summary = "LS++: (1-a) onehot + a C[y] with C learned per class; exports cmatrix.safetensors"
+    stages = ("teacher",)
+    params = (
+        Param("alpha", 0.1, "mixing mass a in (0, 1) given to the learned C-matrix row", valid=lambda v: 0.0 < v < 1.0,
+              rule="in (0, 1) (at 0 the C-matrix would never be trained)"),
+        Param("c_loss", "detached", "how C is trained: detached (the paper's split symmetric CE), ce (plain CE, "
+              "gradients reach C through the target) or sce (full symmetric CE updating both sides)", type=str, choices=C_LOSSES),
+    )
+    exports_cmatrix = True
+
+    def __init__(self, setup: Setup) -> None:
+        super().__init__(setup)
+        if setup.num_classes < 2:
+            raise ValueError("LS++ needs at least 2 classes")
+        self.logits = nn.Parameter(torch.zeros(setup.num_classes, setup.num_classes - 1))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, context: StepContext) -> dict[str, torch.Tensor]:
+        terms = lspp_terms(logits, targets, self.logits, self.hparams["alpha"], self.hparams["c_loss"])
+        return {"loss": sum(terms.values()), **terms}
+
+    def target_source(self) -> str:
+        return "labels+learned C"
+
+    def no_weight_decay(self) -> set[str]:
+        return {"logits"}  # decay would pull C's rows towards uniform (plain LS)
+
+    def export(self, run_dir: Path, info: ExportInfo) -> None:
+        extra = {} if self.hparams["c_loss"] == "detached" else {"c_loss": self.hparams["c_loss"]}
+        save_cmatrix(
+            run_dir / CMATRIX_FILE,
+            CMatrix.from_logits(
+                self.logits.detach().float().cpu(), class_names=info.class_names, alpha=self.hparams["alpha"],
+                source="lspp", dataset=info.dataset, teacher_model=info.model, teacher_top1=info.test_top1, extra=extra,
+            ),
+        )
