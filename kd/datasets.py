@@ -14,7 +14,10 @@ Datasets:
   ``data_dir``; nothing is downloaded unless ``download=True``.
 * ``imagefolder``: ``data_dir/train/<class>/*`` and ``data_dir/test/<class>/*`` (or ``val/``).
 
-Every problem a user can fix is raised as a one-line `KDError`.
+Every problem a user can fix is raised as a one-line `KDError`: an unreadable folder or image
+file is named in it (or, with ``skip_bad_images=True``, the image is left out and counted).
+ImageFolder geometry (side, gray or RGB) comes from the headers of many training images, not
+from the first one; hidden folders (``.ipynb_checkpoints``) are not classes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 import os
 import sys
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,6 +60,8 @@ MAX_IN_MEMORY_SIDE = 64
 _CHUNK_BYTES = 2 * 2**20
 _MIN_CHUNK = 64
 _MAX_CHUNK = 1024
+# The image geometry is decided from the headers of this many training images (all, if fewer).
+_PROBE_FILES = 512
 
 # name -> (torchvision class, display name, hflip, crop padding at the native size)
 _TORCHVISION = {
@@ -100,6 +106,8 @@ class ImageDataset:
     crop_padding: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    skipped_images: int = 0  # unreadable image files left out (`skip_bad_images=True`)
+    notes: tuple[str, ...] = ()  # one-line notes for the user (mixed image sizes or modes, skipped files)
 
     @property
     def num_classes(self) -> int:
@@ -110,6 +118,7 @@ class ImageDataset:
         return (
             f"{self.name}: {self.num_classes} classes, {len(self.train)} train / {len(self.test)} test, "
             f"{self.channels}x{self.image_size}x{self.image_size}, {where}"
+            + (f", {self.skipped_images} unreadable images skipped" if self.skipped_images else "")
         )
 
 
@@ -119,13 +128,20 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
     max_in_memory_bytes: int = 4 * 2**30,
+    skip_bad_images: bool = False,
 ) -> ImageDataset:
     """Load dataset `name` (one of `DATASET_NAMES`) from `data_dir`.
 
     `image_size` (optional) is the square side the model sees: ImageFolder images are decoded
     or cropped to it; the fixed-size datasets are resized to it in memory when it differs from
-    their native size. ImageFolder data is held in memory when `image_size <= 64` and all of it
-    fits in `max_in_memory_bytes`; otherwise it is streamed from disk.
+    their native size. Without it, an ImageFolder's side is the longer side of the most common
+    image size among a few hundred training images spread over the classes; the dataset is RGB
+    if any of them is colour. ImageFolder data is held in memory when that side is at most 64
+    and all of it fits in `max_in_memory_bytes`; otherwise it is streamed from disk.
+
+    An unreadable ImageFolder image is a one-line KDError naming it; with `skip_bad_images` it
+    is left out instead, and counted in `ImageDataset.skipped_images`. Mixed sizes or modes and
+    skipped files are described in `ImageDataset.notes`, one line each, for the caller to print.
     """
     key = "".join(str(name).strip().lower().replace("-", "").replace("_", "").split())
     if key not in DATASET_NAMES:
@@ -133,7 +149,7 @@ def load_dataset(
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise KDError(f"image size must be a positive whole number of pixels, got {image_size!r}")
     if key == "imagefolder":
-        return _load_imagefolder(data_dir, image_size, max_in_memory_bytes)
+        return _load_imagefolder(data_dir, image_size, max_in_memory_bytes, skip_bad_images)
     dataset = _load_digits() if key == "digits" else _load_torchvision(key, data_dir, download)
     if image_size is not None and image_size != dataset.image_size:
         dataset = _resize_in_memory(dataset, image_size, max_in_memory_bytes)
@@ -278,9 +294,23 @@ def _is_image_file(path: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _folder_error(what: str, folder: str | os.PathLike, error: OSError) -> KDError:
+    return KDError(f"cannot read {what} {folder}: {error.strerror or _one_line(error)}")
+
+
+def _scan(folder: Path, what: str) -> list[os.DirEntry]:
+    """The entries of `folder`; a one-line KDError naming it when it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as error:
+        raise _folder_error(what, folder, error) from None
+
+
 def _class_folders(split_dir: Path) -> list[str]:
+    """The sorted class folders of a split. Hidden folders (`.ipynb_checkpoints`, `.git`) are no classes."""
     names = sorted(
-        entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not entry.name.startswith(".")
+        entry.name for entry in _scan(split_dir, "folder") if entry.is_dir() and not entry.name.startswith(".")
     )
     if not names:
         raise KDError(f"no class folders in {split_dir}; expected {split_dir}{os.sep}<class>{os.sep}<image files>")
@@ -292,8 +322,13 @@ def _list_images(split_dir: Path, class_names: Sequence[str]) -> list[tuple[str,
     samples: list[tuple[str, int]] = []
     for label, name in enumerate(class_names):
         folder = os.path.join(split_dir, name)
+
+        def unreadable(error: OSError, folder: str = folder) -> None:
+            where = error.filename or folder
+            raise _folder_error("class folder" if where == folder else "folder", where, error)
+
         found = 0
-        for dirpath, _, filenames in sorted(os.walk(folder, followlinks=True)):
+        for dirpath, _, filenames in sorted(os.walk(folder, onerror=unreadable, followlinks=True)):
             for filename in sorted(filenames):
                 path = os.path.join(dirpath, filename)
                 if _is_image_file(path):
@@ -307,6 +342,22 @@ def _list_images(split_dir: Path, class_names: Sequence[str]) -> list[tuple[str,
 def _short_list(names: Sequence[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _image_error(path: str, error: BaseException) -> KDError:
+    """`cannot read image PATH: REASON`, one line of at most 300 characters (a KDError passes as is)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, KDError):
+        return error
+    if isinstance(error, UnidentifiedImageError):
+        reason = "not an image file PIL can identify (corrupt or unsupported)"
+    elif isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    else:
+        reason = _one_line(error)
+    shown = path if len(path) <= 200 else "..." + path[-197:]
+    return KDError(_one_line(f"cannot read image {shown}: {reason}"))
 
 
 def _to_mode(image: Any, channels: int) -> Any:
@@ -329,7 +380,7 @@ def _pil_open(path: str, channels: int) -> Any:
             image.load()
             return _to_mode(image, channels)
     except Exception as error:  # PIL raises many types for bad files
-        raise KDError(f"cannot read image {path}: {_one_line(error)}") from None
+        raise _image_error(path, error) from None
 
 
 def _streaming_loader(path: str, channels: int = 3) -> Any:
@@ -337,14 +388,55 @@ def _streaming_loader(path: str, channels: int = 3) -> Any:
 
 
 def _probe(path: str) -> tuple[str, int, int]:
-    """PIL mode, width and height of an image, from its header."""
+    """PIL mode, width and height of an image, from its header (the pixels are not decoded)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             return image.mode, image.size[0], image.size[1]
     except Exception as error:
-        raise KDError(f"cannot read image {path}: {_one_line(error)}") from None
+        raise _image_error(path, error) from None
+
+
+def _spread(samples: Sequence[tuple[str, int]], limit: int) -> list[int]:
+    """Indices of all samples, or when there are more than `limit`, of about `limit` of them,
+    evenly spaced within every class (at least one per class). Deterministic."""
+    if len(samples) <= limit:
+        return list(range(len(samples)))
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(index)
+    quota = max(1, limit // len(by_class))
+    picked: list[int] = []
+    for indices in by_class.values():
+        count = min(quota, len(indices))
+        picked.extend(indices[i * len(indices) // count] for i in range(count))
+    return picked
+
+
+def _decide_geometry(
+    headers: Sequence[tuple[str, int, int]], image_size: int | None, total: int
+) -> tuple[int, int, str]:
+    """(channels, side, note) for a dataset from the (mode, width, height) of `headers`, read from
+    that many of its `total` training images.
+
+    The side is the longer side of the most common size (or `image_size`); the dataset is RGB if
+    any image is colour. The note is one line when sizes or modes are mixed, else empty.
+    """
+    sizes = Counter((width, height) for _, width, height in headers)
+    (width, height), common = sizes.most_common(1)[0]
+    side = image_size if image_size is not None else max(width, height)
+    gray = sum(mode in _GRAY_MODES for mode, _, _ in headers)
+    mixed = []
+    if len(sizes) > 1:
+        mixed.append(
+            f"{len(sizes)} sizes, most common {width}x{height} ({common} images); all are resized to {side}x{side}"
+        )
+    if 0 < gray < len(headers):
+        mixed.append(f"{gray} grayscale and {len(headers) - gray} colour; grayscale ones are converted to RGB")
+    probed = f"all {total}" if len(headers) >= total else f"{len(headers)} of {total}, spread over the classes"
+    note = _one_line(f"note: mixed training images ({probed} probed): " + "; ".join(mixed)) if mixed else ""
+    return (1 if gray == len(headers) else 3), side, note
 
 
 def _decode_one(path: str, channels: int, size: int) -> torch.Tensor:
@@ -361,8 +453,8 @@ def _decode_one(path: str, channels: int, size: int) -> torch.Tensor:
                 image = image[0]
             if image.dtype != torch.uint8 or image.shape[0] != channels:
                 image = None  # 16-bit PNG or an odd mode: let PIL (and `_to_mode`) handle it
-        except (RuntimeError, ImportError, ValueError):
-            image = None  # unsupported or corrupt: PIL decides (and names the error)
+        except (RuntimeError, ImportError, ValueError, OSError):
+            image = None  # unsupported, corrupt or unreadable: PIL decides (and names the error)
     if image is None:
         array = np.asarray(_pil_open(path, channels))
         image = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1).copy()).permute(2, 0, 1)
@@ -373,66 +465,143 @@ def _decode_one(path: str, channels: int, size: int) -> torch.Tensor:
     return image
 
 
-class _DecodeChunks(Dataset):
-    """Item i = (start, uint8 images of files[start:start+chunk], first failure or None)."""
+class _FileChunks(Dataset):
+    """Item i = (start, result for files[start:start+chunk], failures), made in a worker process.
 
-    def __init__(self, files: list[str], channels: int, size: int, chunk: int) -> None:
-        self.files, self.channels, self.size, self.chunk = files, channels, size, chunk
+    A failure is (index into files, one-line message); the chunk's other files are still done.
+    Subclasses say what a chunk's result is (`_new`) and how one file goes into it (`_one`).
+    """
+
+    def __init__(self, files: list[str], chunk: int) -> None:
+        self.files, self.chunk = files, max(1, chunk)
 
     def __len__(self) -> int:
         return math.ceil(len(self.files) / self.chunk)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, tuple[int, str] | None]:
+    def _new(self, count: int) -> Any:
+        raise NotImplementedError
+
+    def _one(self, result: Any, offset: int, path: str) -> None:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[int, Any, list[tuple[int, str]]]:
         start = index * self.chunk
         paths = self.files[start : start + self.chunk]
-        out = torch.empty((len(paths), self.channels, self.size, self.size), dtype=torch.uint8)
+        result = self._new(len(paths))
+        failures = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision >= 0.29 deprecates its decoders; PIL's noise
             for offset, path in enumerate(paths):
                 try:
-                    out[offset] = _decode_one(path, self.channels, self.size)
+                    self._one(result, offset, path)
                 except Exception as error:  # reported, with the file's name, by the main process
-                    return start, out, (start + offset, str(error))
-        return start, out, None
+                    failures.append((start + offset, str(_image_error(path, error))))
+        return start, result, failures
+
+
+class _DecodeChunks(_FileChunks):
+    """A chunk's result: its images decoded into one uint8 tensor."""
+
+    def __init__(self, files: list[str], channels: int, size: int, chunk: int) -> None:
+        super().__init__(files, chunk)
+        self.channels, self.size = channels, size
+
+    def _new(self, count: int) -> torch.Tensor:
+        return torch.empty((count, self.channels, self.size, self.size), dtype=torch.uint8)
+
+    def _one(self, result: torch.Tensor, offset: int, path: str) -> None:
+        result[offset] = _decode_one(path, self.channels, self.size)
+
+
+class _HeaderChunks(_FileChunks):
+    """A chunk's result: the (mode, width, height) header of each file, None where unreadable."""
+
+    def _new(self, count: int) -> list[tuple[str, int, int] | None]:
+        return [None] * count
+
+    def _one(self, result: list, offset: int, path: str) -> None:
+        result[offset] = _probe(path)
 
 
 def _identity(item: Any) -> Any:
     return item
 
 
-def _decode_all(files: list[str], channels: int, size: int, desc: str) -> torch.Tensor:
-    """Decode `files` into one uint8 N x C x size x size tensor with DataLoader worker processes."""
+def _run_chunks(
+    chunks: _FileChunks, desc: str, skip_bad: bool, take: Callable[[int, Any], None]
+) -> list[tuple[int, str]]:
+    """Work through `chunks` with DataLoader worker processes, handing each chunk's result to
+    `take(start, result)`. Returns the failures; without `skip_bad` the first is raised as a KDError."""
     from tqdm import tqdm
 
-    out = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
-    chunk = max(_MIN_CHUNK, min(_MAX_CHUNK, _CHUNK_BYTES // (channels * size * size)))
-    chunks = _DecodeChunks(files, channels, size, chunk)
     workers = min(4, os.cpu_count() or 1, len(chunks)) if len(chunks) > 1 else 0
     loader = DataLoader(chunks, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity)
-    with tqdm(total=len(files), desc=desc, leave=False, file=sys.stderr, unit="img", disable=None) as progress:
-        for start, images, failure in loader:
-            if failure is not None:
-                index, message = failure
-                message = _one_line(message)
-                if message.startswith("cannot read image "):
-                    raise KDError(message)
-                raise KDError(f"cannot read image {files[index]}: {message}")
-            out[start : start + images.shape[0]] = images
-            progress.update(images.shape[0])
-    return out
+    failures: list[tuple[int, str]] = []
+    with tqdm(total=len(chunks.files), desc=desc, leave=False, file=sys.stderr, unit="img", disable=None) as progress:
+        for start, result, bad in loader:
+            if bad and not skip_bad:
+                raise KDError(bad[0][1])
+            failures.extend(bad)
+            take(start, result)
+            progress.update(len(result))
+    return failures
+
+
+def _decode_all(
+    files: list[str], channels: int, size: int, desc: str, skip_bad: bool = False
+) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    """Decode `files` into one uint8 N x C x size x size tensor with DataLoader worker processes.
+
+    Returns the tensor and the failures (index, message), whose rows are left undefined; without
+    `skip_bad` the first failure is raised as a KDError instead.
+    """
+    out = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
+    chunk = max(_MIN_CHUNK, min(_MAX_CHUNK, _CHUNK_BYTES // (channels * size * size)))
+
+    def take(start: int, images: torch.Tensor) -> None:
+        out[start : start + images.shape[0]] = images
+
+    failures = _run_chunks(_DecodeChunks(files, channels, size, chunk), desc, skip_bad, take)
+    return out, failures
+
+
+def _read_headers(
+    files: list[str], desc: str, skip_bad: bool = False, workers: bool = True
+) -> tuple[list[tuple[str, int, int] | None], list[tuple[int, str]]]:
+    """The (mode, width, height) header of every file (None where unreadable) and the failures.
+
+    Without `skip_bad` the first failure is raised as a KDError. `workers=False` reads them in this
+    process (for a small probe, where starting workers would cost more than it saves).
+    """
+    headers: list[tuple[str, int, int] | None] = [None] * len(files)
+
+    def take(start: int, result: list) -> None:
+        headers[start : start + len(result)] = result
+
+    chunk = _MAX_CHUNK if workers else len(files)
+    return headers, _run_chunks(_HeaderChunks(files, chunk), desc, skip_bad, take)
 
 
 class _StreamingImageFolder(ImageFolder):
     """torchvision's ImageFolder over an already-checked (path, label) list (no second directory walk).
 
-    Module-level so DataLoader workers started with spawn or forkserver can unpickle it.
+    An unreadable file is a one-line KDError naming it; with `skip_bad` the next readable sample
+    stands in for it (and a line on stderr names it). Module-level so DataLoader workers started
+    with spawn or forkserver can unpickle it.
     """
 
     def __init__(
-        self, root: Path, class_names: list[str], samples: list[tuple[str, int]], transform: Callable, loader: Callable
+        self,
+        root: Path,
+        class_names: list[str],
+        samples: list[tuple[str, int]],
+        transform: Callable,
+        loader: Callable,
+        skip_bad: bool = False,
     ) -> None:
         self._kd_class_names = list(class_names)
         self._kd_samples = list(samples)
+        self._kd_skip_bad = skip_bad
         super().__init__(str(root), transform=transform, loader=loader)
 
     def find_classes(self, directory: Any) -> tuple[list[str], dict[str, int]]:
@@ -441,8 +610,34 @@ class _StreamingImageFolder(ImageFolder):
     def make_dataset(self, directory: Any, *args: Any, **kwargs: Any) -> list[tuple[str, int]]:
         return list(self._kd_samples)
 
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for step in range(len(self.samples) if self._kd_skip_bad else 1):
+            path, label = self.samples[(index + step) % len(self.samples)]
+            try:
+                image = self.loader(path)
+                return (self.transform(image) if self.transform is not None else image), label
+            except Exception as error:  # the loader's KDError, or a transform's failure on this file
+                failure = _image_error(path, error)
+                if not self._kd_skip_bad:
+                    raise failure from None
+                print(f"kd: warning: {failure}; skipped (--skip-bad-images)", file=sys.stderr, flush=True)
+        raise KDError(f"no readable image in {self.root}")
 
-def _load_imagefolder(data_dir: str | os.PathLike | None, image_size: int | None, max_bytes: int) -> ImageDataset:
+
+def _drop_failures(
+    samples: list[tuple[str, int]], failures: Sequence[tuple[int, str]], split_dir: Path
+) -> list[tuple[str, int]]:
+    """`samples` less the failed ones; a KDError when none is left."""
+    bad = {index for index, _ in failures}
+    kept = [sample for index, sample in enumerate(samples) if index not in bad]
+    if not kept:
+        raise KDError(_one_line(f"no readable image in {split_dir}; the first unreadable one: {failures[0][1]}"))
+    return kept
+
+
+def _load_imagefolder(
+    data_dir: str | os.PathLike | None, image_size: int | None, max_bytes: int, skip_bad_images: bool = False
+) -> ImageDataset:
     if data_dir is None:
         raise KDError("imagefolder needs --data-dir DIR holding train/<class>/<images> and test/<class>/<images>")
     root = Path(os.path.expanduser(os.fspath(data_dir)))
@@ -450,7 +645,7 @@ def _load_imagefolder(data_dir: str | os.PathLike | None, image_size: int | None
         raise KDError(f"data directory not found: {root}")
     if not root.is_dir():
         raise KDError(f"data directory is not a directory: {root}")
-    if not any(root.iterdir()):
+    if not _scan(root, "data directory"):
         raise KDError(f"data directory is empty: {root}; expected train/<class>/<images> and test/<class>/<images>")
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -469,35 +664,86 @@ def _load_imagefolder(data_dir: str | os.PathLike | None, image_size: int | None
         raise KDError(
             f"class folders differ between {train_dir} and {test_dir}: " + "; ".join(p for p in parts if p)
         )
-    train_samples = _list_images(train_dir, class_names)
-    test_samples = _list_images(test_dir, class_names)
+    splits = {"train": (train_dir, _list_images(train_dir, class_names)),
+              test_dir.name: (test_dir, _list_images(test_dir, class_names))}
+    skipped: list[str] = []  # the messages of the unreadable files skipped, in order
 
-    mode, width, height = _probe(train_samples[0][0])
-    channels = 1 if mode in _GRAY_MODES else 3
-    size = image_size if image_size is not None else max(width, height)
-    name = f"imagefolder:{root.resolve().name}"
-    total_bytes = (len(train_samples) + len(test_samples)) * channels * size * size
+    def drop(split: str, failures: list[tuple[int, str]]) -> list[tuple[str, int]]:
+        folder, samples = splits[split]
+        skipped.extend(message for _, message in failures)
+        splits[split] = (folder, _drop_failures(samples, failures, folder) if failures else samples)
+        return splits[split][1]
 
-    if size <= MAX_IN_MEMORY_SIDE and total_bytes <= max_bytes:
-        splits = []
-        for split, samples in (("train", train_samples), (test_dir.name, test_samples)):
-            images = _decode_all([path for path, _ in samples], channels, size, f"decoding {split}")
-            labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-            splits.append(InMemorySplit(images, labels))
-        return _in_memory_dataset(name, class_names, splits[0], splits[1], hflip=True, crop_padding=max(1, size // 8))
+    # Geometry: the headers of a few hundred training images, spread over the classes.
+    train_samples = splits["train"][1]
+    picked = _spread(train_samples, _PROBE_FILES)
+    headers, failures = _read_headers(
+        [train_samples[i][0] for i in picked], "reading headers", skip_bad_images, workers=False
+    )
+    good = [header for header in headers if header is not None]
+    if not good:
+        first = failures[0][1]
+        raise KDError(_one_line(f"no readable image among {len(picked)} probed in {train_dir}; the first: {first}"))
+    drop("train", [(picked[i], message) for i, message in failures])
+    total = len(splits["train"][1])
+    channels, size, note = _decide_geometry(good, image_size, total)
+    total_bytes = (total + len(splits[test_dir.name][1])) * channels * size * size
+    in_memory = size <= MAX_IN_MEMORY_SIDE and total_bytes <= max_bytes
 
+    if in_memory:  # decoding reads every file: that is where unreadable ones show up
+        data: dict[str, InMemorySplit] = {}
+        for split in splits:
+            files = [path for path, _ in splits[split][1]]
+            images, failures = _decode_all(files, channels, size, f"decoding {split}", skip_bad_images)
+            if failures:
+                bad = torch.zeros(len(files), dtype=torch.bool)
+                bad[[index for index, _ in failures]] = True
+                images = images[~bad]
+            labels = torch.tensor([label for _, label in drop(split, failures)], dtype=torch.int64)
+            data[split] = InMemorySplit(images, labels)
+        dataset = _in_memory_dataset(
+            f"imagefolder:{root.resolve().name}", class_names, data["train"], data[test_dir.name],
+            hflip=True, crop_padding=max(1, size // 8),
+        )
+    else:
+        # Streaming reads each file only when a batch needs it: check every header now, so an
+        # unreadable file stops the run (or is skipped) before training; geometry from all of them.
+        for split in splits:
+            files = [path for path, _ in splits[split][1]]
+            headers, failures = _read_headers(files, f"checking {split}", skip_bad_images)
+            drop(split, failures)
+            if split == "train":
+                good = [header for header in headers if header is not None]
+                channels, size, note = _decide_geometry(good, image_size, len(good))
+        dataset = _streaming_dataset(root, class_names, splits, channels, size, skip_bad_images)
+    notes = [note] if note else []
+    if skipped:
+        notes.append(_one_line(f"note: skipped {len(skipped)} unreadable image(s), the first: {skipped[0]}"))
+    dataset.skipped_images, dataset.notes = len(skipped), tuple(notes)
+    return dataset
+
+
+def _streaming_dataset(
+    root: Path,
+    class_names: list[str],
+    splits: dict[str, tuple[Path, list[tuple[str, int]]]],
+    channels: int,
+    size: int,
+    skip_bad: bool,
+) -> ImageDataset:
     from torchvision import transforms as T
 
     loader = partial(_streaming_loader, channels=channels)
     train_tf = T.Compose([T.RandomResizedCrop(size), T.PILToTensor()])
     test_tf = T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.PILToTensor()])
+    (train_dir, train_samples), (test_dir, test_samples) = splits.values()
     return ImageDataset(
-        name=name,
+        name=f"imagefolder:{root.resolve().name}",
         class_names=class_names,
         channels=channels,
         image_size=size,
-        train=_StreamingImageFolder(train_dir, class_names, train_samples, train_tf, loader),
-        test=_StreamingImageFolder(test_dir, class_names, test_samples, test_tf, loader),
+        train=_StreamingImageFolder(train_dir, class_names, train_samples, train_tf, loader, skip_bad),
+        test=_StreamingImageFolder(test_dir, class_names, test_samples, test_tf, loader, skip_bad),
         in_memory=False,
         hflip=True,
         crop_padding=0,

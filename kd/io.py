@@ -1,4 +1,8 @@
-"""Atomic file writing: a killed run never leaves a half-written file under the final name."""
+"""Atomic file writing: a killed run never leaves a half-written file under the final name.
+
+Files get the permissions a plain `open(path, "w")` would give them (0666 less the umask:
+0644 under umask 022), not the 0600 of the temporary file `tempfile.mkstemp` creates.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,26 @@ import torch
 from safetensors.torch import save_file
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (/proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success it is fsynced and renamed onto `final`.
 
-    On any error the temporary file is removed and `final` is left as it was.
+    The file ends up with mode 0666 less the umask, like a file created in place. On any
+    error the temporary file is removed and `final` is left as it was.
     """
     final = Path(final)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -25,6 +44,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)

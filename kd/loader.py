@@ -5,13 +5,14 @@ In-memory data (a uint8 tensor, see `kd.datasets.InMemorySplit`) is moved to the
 and batches are cut, randomly cropped and flipped there, instead of PIL work per sample per
 epoch. Streaming data (large ImageFolder trees) goes through a DataLoader with workers over
 the same shard, decoding and resizing on the CPU; flip and normalisation still run on the
-device.
+device. A worker's `KDError` (an unreadable image) reaches the caller as the worker's one line.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import traceback
 from typing import Iterator, Sequence
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from kd.datasets import ImageDataset, InMemorySplit
+from kd.errors import KDError
 
 
 def shard_indices(
@@ -47,6 +49,20 @@ def shard_indices(
     valid = torch.arange(padded_total) < num_samples
     order = order.repeat(math.ceil(padded_total / max(num_samples, 1)))[:padded_total]
     return order[rank::world_size], valid[rank::world_size]
+
+
+def worker_error(error: KDError) -> KDError:
+    """The one-line KDError a DataLoader worker raised, from the copy the main process re-raises.
+
+    DataLoader re-raises a worker's exception as the same type whose message is a header, the
+    worker's traceback and, last, `kd.errors.KDError: <the message>`; keep only that message.
+    """
+    text = str(error).strip()
+    if "\n" in text:
+        last = text.splitlines()[-1]
+        name = f"{type(error).__module__}.{type(error).__qualname__}: "
+        text = last[len(name):] if last.startswith(name) else last
+    return KDError(" ".join(text.split())[:300])
 
 
 class BatchAugment:
@@ -185,8 +201,19 @@ class DeviceBatches:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
-        for images, labels in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                return
+            except KDError as error:  # raised in a worker: its traceback is in the message
+                failure = worker_error(error)
+                traceback.clear_frames(error.__traceback__)  # they hold `batches` in a reference cycle
+                break
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        del batches  # stops its workers now, not whenever a garbage collection gets to them
+        raise failure
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         indices, valid = self._indices()

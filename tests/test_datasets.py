@@ -204,15 +204,67 @@ def test_imagefolder_sixteen_bit_gray_is_one_channel_scaled_to_8_bits(tmp_path):
     assert int(data.train.images[0, 0, 2, 2]) == 128 and int(data.train.images[0, 0, 0, 0]) == 255
 
 
-def test_imagefolder_size_from_first_image_and_other_sizes_resized(tmp_path):
+def test_imagefolder_geometry_is_decided_by_the_whole_dataset_not_the_first_image(tmp_path):
     for split in ("train", "test"):
-        write_image(tmp_path / split / "a" / "0.png", np.full((6, 10, 3), 90, np.uint8))  # first: 10 wide, 6 high
-        write_image(tmp_path / split / "b" / "0.png", np.full((20, 20, 3), 170, np.uint8))
+        write_image(tmp_path / split / "a" / "0.png", np.full((6, 10), 90, np.uint8), "L")  # first: gray 10x6
+        for i in range(1, 4):
+            write_image(tmp_path / split / "a" / f"{i}.png", np.full((8, 8, 3), 60, np.uint8))
+        for i in range(3):
+            write_image(tmp_path / split / "b" / f"{i}.png", np.full((8, 8, 3), 170, np.uint8))
+        write_image(tmp_path / split / "b" / "3.png", np.full((20, 20, 3), 200, np.uint8))
     data = load_dataset("imagefolder", tmp_path)
-    assert data.image_size == 10 and data.train.images.shape == (2, 3, 10, 10)
-    assert int(data.train.images[1].min()) == 170 and int(data.train.images[0].max()) == 90
-    smaller = load_dataset("imagefolder", tmp_path, image_size=4)
-    assert smaller.train.images.shape == (2, 3, 4, 4) and smaller.in_memory
+    assert (data.channels, data.image_size, data.in_memory) == (3, 8, True)  # the most common size; colour
+    assert data.train.images.shape == (8, 3, 8, 8) and data.test.images.shape == (8, 3, 8, 8)
+    gray = data.train.images[0]  # the gray image, converted to RGB and resized
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2]) and int(gray[0, 4, 4]) == 90
+    assert int(data.train.images[7].min()) == 200  # the 20x20 one, resized
+    (note,) = data.notes
+    assert "\n" not in note and len(note) < 300
+    for part in ("all 8", "3 sizes", "most common 8x8 (6 images)", "resized to 8x8", "1 grayscale and 7 colour"):
+        assert part in note, (part, note)
+
+    smaller = load_dataset("imagefolder", tmp_path, image_size=4)  # --image-size overrides the size
+    assert smaller.train.images.shape == (8, 3, 4, 4) and smaller.in_memory and "resized to 4x4" in smaller.notes[0]
+
+    streamed = load_dataset("imagefolder", tmp_path, max_in_memory_bytes=1)  # the same geometry, streaming
+    assert (streamed.channels, streamed.image_size, streamed.in_memory) == (3, 8, False)
+    assert "3 sizes" in streamed.notes[0]
+    for index in (0, 7):  # the gray one and the large one
+        image, _ = streamed.test[index]
+        assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 8, 8)
+
+
+def test_imagefolder_colour_in_a_later_class_makes_the_dataset_rgb(tmp_path):
+    for split in ("train", "test"):
+        for i in range(3):
+            write_image(tmp_path / split / "a" / f"{i}.png", np.full((5, 5), 80, np.uint8), "L")
+            write_image(tmp_path / split / "b" / f"{i}.png", np.full((5, 5, 3), (200, 10, 10), np.uint8))
+    data = load_dataset("imagefolder", tmp_path)
+    assert data.channels == 3 and data.train.images.shape == (6, 3, 5, 5)
+    assert data.train.images[5, :, 2, 2].tolist() == [200, 10, 10]
+    assert "3 grayscale and 3 colour" in data.notes[0] and "sizes" not in data.notes[0]
+
+
+def test_uniform_imagefolder_has_no_notes(tmp_path):
+    make_tree(tmp_path)
+    data = load_dataset("imagefolder", tmp_path)
+    assert data.notes == () and data.skipped_images == 0
+
+
+def test_probe_is_spread_over_the_classes(tmp_path, monkeypatch):
+    samples = [(f"{label}/{i}", label) for label, count in enumerate((500, 3, 97, 1)) for i in range(count)]
+    picked = kdd._spread(samples, 40)
+    assert picked == kdd._spread(samples, 40) and picked == sorted(picked)  # deterministic, in order
+    per_class = [sum(samples[i][1] == label for i in picked) for label in range(4)]
+    assert per_class == [10, 3, 10, 1]
+    assert [i for i in picked if samples[i][1] == 0] == list(range(0, 500, 50))  # evenly spaced
+    assert kdd._spread(samples[:30], 40) == list(range(30))  # all when there are few
+
+    make_tree(tmp_path, per_class=4)
+    write_image(tmp_path / "train" / "cat" / "002.png", np.full((9, 9, 3), 1, np.uint8))  # probed: 000 and 002
+    monkeypatch.setattr(kdd, "_PROBE_FILES", 6)
+    data = load_dataset("imagefolder", tmp_path)
+    assert data.image_size == 6 and "6 of 12, spread over the classes" in data.notes[0]
 
 
 def test_parallel_decoding_matches_single_chunk(tmp_path, monkeypatch):
@@ -289,14 +341,27 @@ def test_streaming_when_larger_than_64_and_grayscale(tmp_path):
         assert image.dtype == torch.uint8 and tuple(image.shape) == (1, 72, 72)
 
 
-def test_streaming_corrupt_image_is_named_when_read(tmp_path):
+def test_streaming_corrupt_image_is_named_before_training(tmp_path):
     make_tree(tmp_path)
     bad = tmp_path / "train" / "cat" / "zzz.png"
     bad.write_bytes(b"not an image at all")
-    data = load_dataset("imagefolder", tmp_path, max_in_memory_bytes=1)
     with pytest.raises(KDError) as excinfo:
-        data.train[len(data.train) - 1]
-    assert_one_line_kderror(excinfo, "zzz.png")
+        load_dataset("imagefolder", tmp_path, max_in_memory_bytes=1)  # every header is checked up front
+    assert_one_line_kderror(excinfo, "cannot read image", str(bad))
+
+
+def test_streaming_item_that_fails_to_decode_is_named(tmp_path, monkeypatch):
+    make_tree(tmp_path)
+    data = load_dataset("imagefolder", tmp_path, max_in_memory_bytes=1)
+    path = data.train.samples[4][0]
+
+    def broken(image):
+        raise ValueError("decoder exploded\n  with a second line")
+
+    monkeypatch.setattr(data.train, "transform", broken)
+    with pytest.raises(KDError) as excinfo:
+        data.train[4]
+    assert str(excinfo.value) == f"cannot read image {path}: decoder exploded with a second line"
 
 
 # ----------------------------------------------------------------------------- imagefolder errors
