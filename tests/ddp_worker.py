@@ -7,7 +7,9 @@ LS++ criterion inside the prepared module:
 
 * `sync`:   as the engine does it (the C logits live in the prepared `TrainModule`);
 * `nosync`: the control, with DDP told to ignore the C logits (`_ddp_params_and_buffers_to_ignore`),
-            so their gradients are not all-reduced.
+            so their gradients are not all-reduced;
+* `ols`:    Online Label Smoothing, whose per-rank accumulators are summed at each epoch end; each
+            rank also records its own accumulators just before that sum.
 
 Every rank writes OUT_DIR/{mode}-rank{r}.safetensors (its network weights and C logits) and
 OUT_DIR/{mode}-rank{r}.json (the sample indices it trained on per epoch, the gathered test
@@ -77,9 +79,19 @@ def run(mode: str, out: Path, accelerator) -> None:
     torch.manual_seed(0)  # the same initial network on every rank (DDP would broadcast it anyway)
     data = make_data()
     net = RecordingNet()
-    module = TrainModule(net, build_method("lspp", NUM_CLASSES, alpha=0.3))
+    method = build_method("ols" if mode == "ols" else "lspp", NUM_CLASSES, **({} if mode == "ols" else {"alpha": 0.3}))
+    module = TrainModule(net, method)
     if mode == "nosync":
         module._ddp_params_and_buffers_to_ignore = ["criterion.logits"]
+    local_sums: list[torch.Tensor] = []
+    if mode == "ols":
+        swap = method.on_epoch_end
+
+        def record_then_swap(context):
+            local_sums.append(torch.cat([method.sums, method.counts[:, None]], dim=1).clone())
+            swap(context)
+
+        method.on_epoch_end = record_then_swap
     config = FitConfig(epochs=EPOCHS, batch_size=BATCH, lr=0.5, weight_decay=0.0, seed=3, warmup_fraction=0.0)
     result = fit(module, data, config, accelerator, desc=mode)
 
@@ -98,7 +110,11 @@ def run(mode: str, out: Path, accelerator) -> None:
 
     rank = accelerator.process_index
     tensors = {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
-    tensors["cmatrix_logits"] = module.criterion.logits.detach().clone()
+    if mode == "ols":
+        tensors["soft_labels"] = method.soft_labels.clone()
+        tensors.update({f"local_sums_epoch{e}": sums for e, sums in enumerate(local_sums)})
+    else:
+        tensors["cmatrix_logits"] = method.logits.detach().clone()
     save_file(tensors, str(out / f"{mode}-rank{rank}.safetensors"))
     (out / f"{mode}-rank{rank}.json").write_text(json.dumps({
         "world_size": accelerator.num_processes,
@@ -117,7 +133,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator()
-    for mode in ("sync", "nosync"):
+    for mode in ("sync", "nosync", "ols"):
         run(mode, out, accelerator)
     accelerator.wait_for_everyone()
 

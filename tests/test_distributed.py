@@ -102,6 +102,20 @@ def test_two_process_library_run_keeps_ranks_identical_and_shards_the_data(tmp_p
         if name != "cmatrix_logits":
             assert torch.equal(tensors[0][name], tensors[1][name]), name
 
+    # OLS: both ranks swap in the same matrix, made from the sum of both ranks' statistics of
+    # the last epoch (each rank's own statistics differ, and neither alone gives the matrix).
+    _, tensors = load("ols")
+    assert torch.equal(tensors[0]["soft_labels"], tensors[1]["soft_labels"])
+    for name in tensors[0]:
+        if not name.startswith("local_sums"):
+            assert torch.equal(tensors[0][name], tensors[1][name]), name
+    last = tensors[0]["local_sums_epoch1"] + tensors[1]["local_sums_epoch1"]
+    assert not torch.equal(tensors[0]["local_sums_epoch1"], tensors[1]["local_sums_epoch1"])
+    sums, counts = last[:, :-1], last[:, -1]
+    expected = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], torch.full_like(sums, 1 / sums.shape[0]))
+    assert (counts > 0).any() and (tensors[0]["local_sums_epoch1"][:, -1] < counts).any()
+    torch.testing.assert_close(tensors[0]["soft_labels"], expected, rtol=1e-6, atol=1e-7)
+
 
 def test_two_process_cli_run_writes_one_run_directory_with_gathered_metrics(tmp_path):
     out = tmp_path / "ddp"

@@ -92,9 +92,10 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("stage", ["train-teacher", "distill"])
-def test_killed_run_resumes_to_the_same_weights_and_cmatrix(tmp_path, stage):
-    extra = [] if stage == "train-teacher" else ["--method", "ls"]
+@pytest.mark.parametrize("stage,method", [("train-teacher", "lspp"), ("train-teacher", "ols"), ("distill", "ls")])
+def test_killed_run_resumes_to_the_same_weights_and_cmatrix(tmp_path, stage, method):
+    """OLS: its matrix (in the model state) and its per-process accumulators (in the train state)."""
+    extra = ["--method", method]
     for epochs in ("4", "12", "40"):  # more epochs if the run outpaced the kill
         killed = tmp_path / f"killed-{epochs}"
         args = [stage, "--epochs", epochs, *RUN, *extra]
@@ -120,9 +121,9 @@ def test_killed_run_resumes_to_the_same_weights_and_cmatrix(tmp_path, stage):
     assert 0 < metrics["resumed_from_step"] < steps == metrics["steps"] == expected["steps"]
     assert expected["resumed_from_step"] is None
     assert_bitwise_equal(tensors(killed / "model.safetensors"), tensors(reference / "model.safetensors"))
-    if stage == "train-teacher":  # the C-matrix: probabilities and logits
+    if stage == "train-teacher":  # the C-matrix (LS++'s or OLS's): probabilities and logits
         assert_bitwise_equal(tensors(killed / "cmatrix.safetensors"), tensors(reference / "cmatrix.safetensors"))
-    assert metrics["epoch_train_loss"] == expected["epoch_train_loss"]
+    assert metrics["epoch_loss_parts"] == expected["epoch_loss_parts"]
     for name in ("test_top1", "test_nll", "test_ece"):
         assert metrics[name] == expected[name]
     # The last two checkpoints are kept, nothing unfinished is left behind.
@@ -130,10 +131,12 @@ def test_killed_run_resumes_to_the_same_weights_and_cmatrix(tmp_path, stage):
     assert len(names) == 2 and all(name.startswith("step-") for name in names)
 
 
-def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path):
-    """Deterministic counterpart of the kill test: resume from a checkpoint 16 steps into epoch 2."""
+@pytest.mark.parametrize("method", ["lspp", "ols"])
+def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path, method):
+    """Deterministic counterpart of the kill test: resume from a checkpoint 16 steps into epoch 2
+    (for OLS: with half an epoch of statistics accumulated)."""
     reference = tmp_path / "reference"
-    args = ["train-teacher", "--epochs", "2", *RUN]
+    args = ["train-teacher", "--method", method, "--epochs", "2", *RUN]
     assert run_kd(*args, "--out", str(reference)).returncode == 0
     assert [p.name for p in list_checkpoints(reference)] == ["step-00000060", "step-00000088"]
 
@@ -151,6 +154,7 @@ def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path):
     assert read_run(copy)[1]["resumed_from_step"] == 60
     assert_bitwise_equal(tensors(copy / "model.safetensors"), tensors(reference / "model.safetensors"))
     assert_bitwise_equal(tensors(copy / "cmatrix.safetensors"), tensors(reference / "cmatrix.safetensors"))
+    assert read_run(copy)[1]["epoch_loss_parts"] == read_run(reference)[1]["epoch_loss_parts"]
     assert not partial.exists()
 
 
