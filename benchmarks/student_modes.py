@@ -29,6 +29,7 @@ from accelerate.utils import set_seed
 from kd.cmatrix import CMatrix, load_cmatrix
 from kd.datasets import load_dataset
 from kd.engine import FitConfig, TrainModule, fit, make_accelerator
+from kd.lspp import DEFAULT_ALPHA
 from kd.methods import build_method
 from kd.models import build_model, count_parameters
 from kd.rundir import CMATRIX_FILE, load_run_model
@@ -80,7 +81,7 @@ def main() -> None:
         set_seed(1)
         teacher = build_model(args.teacher_model, data.num_classes, data.channels, data.image_size).eval()
         teacher_name = f"{args.teacher_model} (random init)"
-        cmatrix = CMatrix.from_logits(torch.zeros(data.num_classes, data.num_classes - 1), data.class_names, alpha=0.1)
+        cmatrix = CMatrix.from_logits(torch.zeros(data.num_classes, data.num_classes - 1), data.class_names, alpha=DEFAULT_ALPHA)
 
     def module_for(mode: str) -> TrainModule:
         set_seed(0)  # the same initial student in every mode

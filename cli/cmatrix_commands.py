@@ -51,10 +51,9 @@ def _classes_from(spec: str, data_dir: str | None) -> list[str]:
             f"--classes-from {spec}: is a directory; for an ImageFolder tree use "
             f"--classes-from imagefolder --data-dir {spec}"
         )
-    from kd.datasets import DATASET_NAMES, dataset_class_names
+    from kd.datasets import DATASET_NAMES, dataset_class_names, normalise_dataset_name
 
-    key = "".join(spec.strip().lower().replace("-", "").replace("_", "").split())
-    if key not in DATASET_NAMES:
+    if normalise_dataset_name(spec) not in DATASET_NAMES:
         raise KDError(
             f"--classes-from {spec}: no such file, and not a dataset name ({', '.join(DATASET_NAMES)})"
         )
@@ -271,12 +270,13 @@ def cmatrix_remap_command(file: str, classes_from: str, data_dir: str | None, ou
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--dataset", default=None, help="Dataset to average over (default: the teacher's own).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset root (default: the teacher's own).")
-@click.option("--alpha", type=float, default=None, help="Mixing mass a recorded in the file (default: the teacher's alpha, else 0.1).")
+@click.option("--alpha", type=float, default=None, help="Mixing mass a recorded in the file (default: the teacher's alpha, else the paper's 0.1).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Batch size for the pass over the training split.")
 def from_teacher_command(run_dir: str, out: str, overwrite: bool, dataset: str | None, data_dir: str | None,
                          alpha: float | None, batch_size: int) -> None:
     """Average a trained network's non-target predictions per class over its training set (source = posthoc)."""
     from kd.cmatrix import CMatrix, save_cmatrix
+    from kd.lspp import DEFAULT_ALPHA
     from kd.datasets import load_dataset
     from kd.engine import make_accelerator
     from kd.posthoc import estimate_cmatrix
@@ -284,7 +284,7 @@ def from_teacher_command(run_dir: str, out: str, overwrite: bool, dataset: str |
 
     target = _check_out(out, overwrite)
     net, config = load_run_model(run_dir)
-    alpha = alpha if alpha is not None else float(config.get("alpha") or 0.1)
+    alpha = alpha if alpha is not None else float(config.get("alpha") or DEFAULT_ALPHA)
     if not 0.0 <= alpha < 1.0:
         raise KDError(f"--alpha must be in [0, 1), got {alpha}")
     data = load_dataset(dataset or config.get("dataset", "digits"), data_dir or config.get("data_dir"),

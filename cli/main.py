@@ -9,13 +9,17 @@ import click
 
 import kd
 from cli.cmatrix_commands import cmatrix_group
-from kd.errors import KDError
+from kd.datasets import DATASET_NAMES
+from kd.errors import KDError, one_line
+from kd.models import BUILTIN_MODELS
 from kd.io import write_text_atomic
 
 DATASET_HELP = (
     "digits (built in, the default), cifar10, cifar100, mnist, fashionmnist, svhn (torchvision, "
     "read from --data-dir), or imagefolder (--data-dir holding train/<class>/* and test/<class>/* or val/<class>/*)."
 )
+assert all(name in DATASET_HELP for name in DATASET_NAMES)
+MODEL_HELP = f"{', '.join(BUILTIN_MODELS)}, or any timm model name (random init)."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -39,8 +43,12 @@ run_options = _apply([
     click.option("--data-dir", type=click.Path(file_okay=False), help="Dataset root (torchvision datasets, imagefolder)."),
     click.option("--download", is_flag=True, help="Let torchvision download the dataset into --data-dir if it is missing."),
     click.option(
+        "--skip-bad-images", is_flag=True,
+        help="imagefolder: leave out images that cannot be read (counted in metrics.json) instead of stopping with an error naming the first.",
+    ),
+    click.option(
         "--model", default="small_cnn", show_default=True,
-        help="small_cnn, tiny_cnn, lenet, alexnet, cifar_resnet18/34/50/101, or any timm model name (random init).",
+        help=MODEL_HELP,
     ),
     click.option("--epochs", type=int, default=30, show_default=True, help="Training epochs."),
     click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size per process."),
@@ -168,10 +176,6 @@ def compare_command(run_dirs: tuple[str, ...], markdown_path: str | None, csv_pa
 cli.add_command(cmatrix_group)
 
 
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit."""
     try:
@@ -182,10 +186,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo("kd: aborted", err=True)
         sys.exit(130)
     except click.ClickException as error:
-        click.echo(f"kd: error: {_one_line(error.format_message())}", err=True)
+        click.echo(f"kd: error: {one_line(error.format_message())}", err=True)
         sys.exit(error.exit_code)
     except KDError as error:
-        click.echo(f"kd: error: {_one_line(str(error))}", err=True)
+        click.echo(f"kd: error: {one_line(str(error))}", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 
 from kd import __version__
-from kd.errors import KDError
+from kd.errors import KDError, short_list
 from kd.io import save_safetensors_atomic
 from kd.lspp import cmatrix_from_logits, insert_diagonal, remove_diagonal
 
@@ -76,8 +76,7 @@ def quoted_names(names: Sequence[str], limit: int = 5) -> str:
     """The first `limit` names, quoted and comma-separated, with a count of the rest; "(none)" if empty."""
     if not names:
         return "(none)"
-    shown = ", ".join(quoted(n, 40) for n in names[:limit])
-    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+    return short_list([quoted(n, 40) for n in names], limit)
 
 
 def _fail(where: str, problem: str) -> CMatrixError:

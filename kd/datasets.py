@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from kd.errors import KDError
+from kd.errors import KDError, one_line, short_list
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "mnist", "fashionmnist", "svhn", "imagefolder")
 
@@ -143,7 +143,7 @@ def load_dataset(
     is left out instead, and counted in `ImageDataset.skipped_images`. Mixed sizes or modes and
     skipped files are described in `ImageDataset.notes`, one line each, for the caller to print.
     """
-    key = "".join(str(name).strip().lower().replace("-", "").replace("_", "").split())
+    key = normalise_dataset_name(name)
     if key not in DATASET_NAMES:
         raise KDError(f"unknown dataset {str(name)!r}; choose one of: {', '.join(DATASET_NAMES)}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
@@ -159,9 +159,9 @@ def load_dataset(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _one_line(error: BaseException | str, limit: int = 300) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def normalise_dataset_name(name: str) -> str:
+    """A dataset name as `DATASET_NAMES` lists it: case, spaces, "-" and "_" ignored ("Fashion-MNIST")."""
+    return "".join(str(name).strip().lower().replace("-", "").replace("_", "").split())
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -261,12 +261,12 @@ def _load_torchvision(key: str, data_dir: str | os.PathLike | None, download: bo
             return cls(root=root, download=download, **kwargs)
         except (RuntimeError, OSError, EOFError, ValueError) as error:
             if download:
-                raise KDError(f"could not download {display} into {root}: {_one_line(error)}") from None
+                raise KDError(f"could not download {display} into {root}: {one_line(error, 300)}") from None
             if isinstance(error, RuntimeError):
                 raise KDError(
                     f"no {display} data under {root}; pass --download to fetch it, or point --data-dir at it"
                 ) from None
-            raise KDError(f"cannot read the {display} data under {root}: {_one_line(error)}") from None
+            raise KDError(f"cannot read the {display} data under {root}: {one_line(error, 300)}") from None
 
     splits = []
     for train in (True, False):
@@ -295,7 +295,7 @@ def _is_image_file(path: str) -> bool:
 
 
 def _folder_error(what: str, folder: str | os.PathLike, error: OSError) -> KDError:
-    return KDError(f"cannot read {what} {folder}: {error.strerror or _one_line(error)}")
+    return KDError(f"cannot read {what} {folder}: {error.strerror or one_line(error, 300)}")
 
 
 def _scan(folder: Path, what: str) -> list[os.DirEntry]:
@@ -339,11 +339,6 @@ def _list_images(split_dir: Path, class_names: Sequence[str]) -> list[tuple[str,
     return samples
 
 
-def _short_list(names: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
 def _image_error(path: str, error: BaseException) -> KDError:
     """`cannot read image PATH: REASON`, one line of at most 300 characters (a KDError passes as is)."""
     from PIL import UnidentifiedImageError
@@ -355,9 +350,9 @@ def _image_error(path: str, error: BaseException) -> KDError:
     elif isinstance(error, OSError) and error.strerror:
         reason = error.strerror
     else:
-        reason = _one_line(error)
+        reason = one_line(error, 300)
     shown = path if len(path) <= 200 else "..." + path[-197:]
-    return KDError(_one_line(f"cannot read image {shown}: {reason}"))
+    return KDError(one_line(f"cannot read image {shown}: {reason}", 300))
 
 
 def _to_mode(image: Any, channels: int) -> Any:
@@ -435,7 +430,7 @@ def _decide_geometry(
     if 0 < gray < len(headers):
         mixed.append(f"{gray} grayscale and {len(headers) - gray} colour; grayscale ones are converted to RGB")
     probed = f"all {total}" if len(headers) >= total else f"{len(headers)} of {total}, spread over the classes"
-    note = _one_line(f"note: mixed training images ({probed} probed): " + "; ".join(mixed)) if mixed else ""
+    note = one_line(f"note: mixed training images ({probed} probed): " + "; ".join(mixed), 300) if mixed else ""
     return (1 if gray == len(headers) else 3), side, note
 
 
@@ -631,7 +626,7 @@ def _drop_failures(
     bad = {index for index, _ in failures}
     kept = [sample for index, sample in enumerate(samples) if index not in bad]
     if not kept:
-        raise KDError(_one_line(f"no readable image in {split_dir}; the first unreadable one: {failures[0][1]}"))
+        raise KDError(one_line(f"no readable image in {split_dir}; the first unreadable one: {failures[0][1]}", 300))
     return kept
 
 
@@ -659,8 +654,8 @@ def _load_imagefolder(
     if test_classes != class_names:
         only_train = sorted(set(class_names) - set(test_classes))
         only_test = sorted(set(test_classes) - set(class_names))
-        parts = [f"only in train/: {_short_list(only_train)}" if only_train else "",
-                 f"only in {test_dir.name}/: {_short_list(only_test)}" if only_test else ""]
+        parts = [f"only in train/: {short_list(only_train)}" if only_train else "",
+                 f"only in {test_dir.name}/: {short_list(only_test)}" if only_test else ""]
         raise KDError(
             f"class folders differ between {train_dir} and {test_dir}: " + "; ".join(p for p in parts if p)
         )
@@ -683,7 +678,7 @@ def _load_imagefolder(
     good = [header for header in headers if header is not None]
     if not good:
         first = failures[0][1]
-        raise KDError(_one_line(f"no readable image among {len(picked)} probed in {train_dir}; the first: {first}"))
+        raise KDError(one_line(f"no readable image among {len(picked)} probed in {train_dir}; the first: {first}", 300))
     drop("train", [(picked[i], message) for i, message in failures])
     total = len(splits["train"][1])
     channels, size, note = _decide_geometry(good, image_size, total)
@@ -718,7 +713,7 @@ def _load_imagefolder(
         dataset = _streaming_dataset(root, class_names, splits, channels, size, skip_bad_images)
     notes = [note] if note else []
     if skipped:
-        notes.append(_one_line(f"note: skipped {len(skipped)} unreadable image(s), the first: {skipped[0]}"))
+        notes.append(one_line(f"note: skipped {len(skipped)} unreadable image(s), the first: {skipped[0]}", 300))
     dataset.skipped_images, dataset.notes = len(skipped), tuple(notes)
     return dataset
 
@@ -758,7 +753,7 @@ def dataset_class_names(name: str, data_dir: str | os.PathLike | None = None) ->
     digits: "0".."9"; imagefolder: the sorted class folders of ``data_dir/train``; the
     torchvision datasets are opened with `load_dataset` (their names live in the data files).
     """
-    key = "".join(str(name).strip().lower().replace("-", "").replace("_", "").split())
+    key = normalise_dataset_name(name)
     if key not in DATASET_NAMES:
         raise KDError(f"unknown dataset {str(name)!r}; choose one of: {', '.join(DATASET_NAMES)}")
     if key == "digits":

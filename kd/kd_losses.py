@@ -9,6 +9,10 @@ from torch import nn
 from kd.lspp import mix_targets, soft_target_cross_entropy
 
 
+# Hinton KD defaults: temperature, weight of T^2 * KL, weight of the cross-entropy with the labels.
+KD_TEMPERATURE, KD_WEIGHT, KD_CE_WEIGHT = 4.0, 0.9, 0.1
+
+
 class ProxyTeacherLoss(nn.Module):
     """PT-LS++ (paper section 5.3): cross-entropy against (1-a) * onehot(y) + a * C[y].
 
@@ -53,7 +57,7 @@ class HintonKDLoss(nn.Module):
     opposite things. Computed in float32 even under mixed precision.
     """
 
-    def __init__(self, temperature: float = 4.0, kd_weight: float = 0.9, ce_weight: float = 0.1) -> None:
+    def __init__(self, temperature: float = KD_TEMPERATURE, kd_weight: float = KD_WEIGHT, ce_weight: float = KD_CE_WEIGHT) -> None:
         super().__init__()
         self.temperature = float(temperature)
         self.kd_weight = float(kd_weight)

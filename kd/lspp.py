@@ -65,6 +65,9 @@ def cmatrix_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return insert_diagonal(F.softmax(logits.float(), dim=1), 0.0)
 
 
+# The paper's default mixing mass a (LS and LS++ alike).
+DEFAULT_ALPHA = 0.1
+
 # A finite "log 0": exp(-1e4) is exactly 0 in float32, and sums of two stay finite.
 _LOG_ZERO = -1.0e4
 
@@ -153,7 +156,7 @@ class LSPPLoss(nn.Module):
     logits' gradients exactly like the network's.
     """
 
-    def __init__(self, num_classes: int, alpha: float = 0.1) -> None:
+    def __init__(self, num_classes: int, alpha: float = DEFAULT_ALPHA) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError("LS++ needs at least 2 classes")

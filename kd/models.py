@@ -32,7 +32,7 @@ import timm
 import torchvision
 from torch import nn
 
-from kd.errors import KDError
+from kd.errors import KDError, one_line
 
 BUILTIN_MODELS: dict[str, str] = {
     "small_cnn": "small 3-layer CNN (32-64-128 channels, ~0.1M params) for tiny images (default)",
@@ -155,10 +155,9 @@ def _build_timm(name: str, num_classes: int, in_channels: int, image_size: int) 
         except TypeError:
             return timm.create_model(name, **kwargs)
     except (ValueError, AssertionError, RuntimeError, TypeError) as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
         raise KDError(
             f"timm model '{name}' cannot be built for {in_channels}-channel {image_size}px "
-            f"images with {num_classes} classes: {detail}"
+            f"images with {num_classes} classes: {one_line(exc)}"
         ) from exc
 
 

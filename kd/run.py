@@ -32,6 +32,7 @@ class RunConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = False
+    skip_bad_images: bool = False
     model: str = "small_cnn"
     epochs: int = 30
     batch_size: int = 64
@@ -122,7 +123,10 @@ def run_stage(
     resume_from = latest_checkpoint(out) if config.resume else None
     set_seed(config.seed)
 
-    data = load_dataset(config.dataset, config.data_dir, download=config.download, image_size=config.image_size)
+    data = load_dataset(config.dataset, config.data_dir, download=config.download, image_size=config.image_size,
+                        skip_bad_images=config.skip_bad_images)
+    for note in data.notes:
+        accelerator.print(note)
     # The student is built before the method so a teacher's construction does not shift the
     # random stream: the same seed gives the same initial student with every method.
     net = build_model(config.model, data.num_classes, data.channels, data.image_size)
@@ -187,6 +191,7 @@ def run_stage(
             "world_size": accelerator.num_processes,
             "grad_accum": result.grad_accum,
             "effective_batch_size": result.effective_batch_size,
+            "skipped_images": data.skipped_images,
             "resumed_from_step": result.resumed_from_step,
             "mixed_precision": config.mixed_precision,
             "device": str(accelerator.device),

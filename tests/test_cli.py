@@ -169,3 +169,17 @@ def test_default_run_reaches_95_percent_on_digits_in_under_two_minutes(tmp_path)
     assert metrics["test_top1"] >= 0.95
     assert metrics["train_seconds"] < 120
     assert metrics["epochs"] == 30
+
+
+def test_skip_bad_images_counts_what_it_left_out(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    broken = data / "train" / "bee" / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    args = ["train-teacher", "--dataset", "imagefolder", "--data-dir", str(data), *FAST]
+    assert_one_line_error(kd_in_process(*args, "--out", str(tmp_path / "strict")), "broken.png")
+    assert not (tmp_path / "strict").exists() or not (tmp_path / "strict" / "model.safetensors").exists()
+    result = kd_in_process(*args, "--out", str(tmp_path / "lenient"), "--skip-bad-images")
+    assert result.returncode == 0, result.stderr
+    assert "broken.png" in result.stdout  # the note naming the first skipped file
+    config, metrics = read_run(tmp_path / "lenient")
+    assert metrics["skipped_images"] == 1 and config["skip_bad_images"] is True

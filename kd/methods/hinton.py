@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kd.kd_losses import hinton_terms
+from kd.kd_losses import KD_CE_WEIGHT, KD_TEMPERATURE, KD_WEIGHT, hinton_terms
 from kd.methods.base import Method, Setup, StepContext, non_negative, positive, weights_not_both_zero
 
 # Timing needs device syncs, which would slow a GPU pipeline if done on every step.
@@ -33,9 +33,9 @@ class HintonKD(Method):
     stages = ("student",)
     needs = "teacher"
     params = (
-        positive("temperature", 4.0, "softmax temperature T"),
-        non_negative("kd_weight", 0.9, "weight of T^2 * KL(teacher || student)"),
-        non_negative("ce_weight", 0.1, "weight of the cross-entropy with the labels"),
+        positive("temperature", KD_TEMPERATURE, "softmax temperature T"),
+        non_negative("kd_weight", KD_WEIGHT, "weight of T^2 * KL(teacher || student)"),
+        non_negative("ce_weight", KD_CE_WEIGHT, "weight of the cross-entropy with the labels"),
     )
 
     @classmethod

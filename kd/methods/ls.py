@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd.lspp import soft_target_cross_entropy
+from kd.lspp import DEFAULT_ALPHA, soft_target_cross_entropy
 from kd.methods.base import Method, StepContext, float32, fraction
 
-ALPHA = fraction("alpha", 0.1, "smoothing mass a in [0, 1), spread uniformly over all K classes")
+ALPHA = fraction("alpha", DEFAULT_ALPHA, "smoothing mass a in [0, 1), spread uniformly over all K classes")
 
 
 class LabelSmoothing(Method):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kd.cmatrix import CMatrix, save_cmatrix
-from kd.lspp import C_LOSSES, lspp_terms
+from kd.lspp import C_LOSSES, DEFAULT_ALPHA, lspp_terms
 from kd.methods.base import ExportInfo, Method, Param, Setup, StepContext
 from kd.rundir import CMATRIX_FILE
 
@@ -23,7 +23,7 @@ class LSPP(Method):
     summary = "LS++: (1-a) onehot + a C[y] with C learned per class; exports cmatrix.safetensors"
     stages = ("teacher",)
     params = (
-        Param("alpha", 0.1, "mixing mass a in (0, 1) given to the learned C-matrix row", valid=lambda v: 0.0 < v < 1.0,
+        Param("alpha", DEFAULT_ALPHA, "mixing mass a in (0, 1) given to the learned C-matrix row", valid=lambda v: 0.0 < v < 1.0,
               rule="in (0, 1) (at 0 the C-matrix would never be trained)"),
         Param("c_loss", "detached", "how C is trained: detached (the paper's split symmetric CE), ce (plain CE, "
               "gradients reach C through the target) or sce (full symmetric CE updating both sides)", type=str, choices=C_LOSSES),
