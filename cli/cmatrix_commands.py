@@ -8,12 +8,17 @@ unless `--overwrite`, write atomically, and record the inputs' SHA-256 in the `s
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
+from cli.plot_commands import cmatrix_plot_command
 from kd.errors import KDError
+
+if TYPE_CHECKING:
+    from kd.datasets import ImageDataset
 
 FILE = click.Path(dir_okay=False)
 CLASSES_FROM_HELP = (
@@ -60,16 +65,32 @@ def _classes_from(spec: str, data_dir: str | None) -> list[str]:
     return dataset_class_names(spec, data_dir)
 
 
-def _check_out(out: str, overwrite: bool) -> Path:
+def check_out_file(out: str, overwrite: bool, example: str = "cmatrix.safetensors") -> Path:
+    """The --out file to write: refused if it is a directory, exists without `overwrite`, or its folder is missing."""
     path = Path(out)
     if path.is_dir():
-        raise KDError(f"--out {out} is a directory; give a file name, e.g. {path / 'cmatrix.safetensors'}")
+        raise KDError(f"--out {out} is a directory; give a file name, e.g. {path / example}")
     if path.exists() and not overwrite:
         raise KDError(f"--out {out} already exists; pass --overwrite to replace it")
     parent = path.parent
     if not parent.is_dir():
         raise KDError(f"--out {out}: directory {parent} does not exist")
     return path
+
+
+def load_run_dataset(run_dir: str, config: dict, dataset: str | None = None, data_dir: str | None = None) -> ImageDataset:
+    """The dataset a run was trained on (or `dataset` / `data_dir`), at the run's image size.
+
+    `config` is the run's config.json (`kd.rundir.load_run_model` returns it). The dataset's
+    class names must be the run's, in order, or it is a one-line KDError.
+    """
+    from kd.datasets import load_dataset
+
+    data = load_dataset(dataset or config.get("dataset", "digits"), data_dir or config.get("data_dir"),
+                        image_size=config["image_size"], skip_bad_images=bool(config.get("skip_bad_images")))
+    if list(data.class_names) != list(config["class_names"]):
+        raise KDError(f"the dataset's classes differ from those the run in {run_dir} was trained on")
+    return data
 
 
 def _short(sha: str) -> str:
@@ -208,7 +229,7 @@ def cmatrix_subset_command(
 
     if (classes is None) == (classes_from is None):
         raise KDError("subset needs exactly one of --classes A,B,C or --classes-from FILE_OR_DATASET")
-    target = _check_out(out, overwrite)
+    target = check_out_file(out, overwrite)
     if classes is not None:
         names = [name.strip() for name in classes.split(",")]
         if any(not name for name in names):
@@ -236,7 +257,7 @@ def cmatrix_merge_command(files: tuple[str, ...], out: str, overwrite: bool) -> 
 
     if len(files) < 2:
         raise KDError(f"merge needs at least 2 files, got {len(files)}")
-    target = _check_out(out, overwrite)
+    target = check_out_file(out, overwrite)
     cms = [load_cmatrix(f) for f in files]
     entries = [source_entry(cm, f) for cm, f in zip(cms, files)]
     _write(target, merge(cms, entries, names=list(files)), list(zip(files, entries)))
@@ -257,7 +278,7 @@ def cmatrix_remap_command(file: str, classes_from: str, data_dir: str | None, ou
     from kd.cmatrix import load_cmatrix
     from kd.cmatrix_ops import remap, source_entry
 
-    target = _check_out(out, overwrite)
+    target = check_out_file(out, overwrite)
     names = _classes_from(classes_from, data_dir)
     cm = load_cmatrix(file)
     entry = source_entry(cm, file)
@@ -276,21 +297,17 @@ def from_teacher_command(run_dir: str, out: str, overwrite: bool, dataset: str |
                          alpha: float | None, batch_size: int) -> None:
     """Average a trained network's non-target predictions per class over its training set (source = posthoc)."""
     from kd.cmatrix import CMatrix, save_cmatrix
-    from kd.lspp import DEFAULT_ALPHA
-    from kd.datasets import load_dataset
     from kd.engine import make_accelerator
+    from kd.lspp import DEFAULT_ALPHA
     from kd.posthoc import estimate_cmatrix
     from kd.rundir import METRICS_FILE, load_run_model, read_run_json
 
-    target = _check_out(out, overwrite)
+    target = check_out_file(out, overwrite)
     net, config = load_run_model(run_dir)
     alpha = alpha if alpha is not None else float(config.get("alpha") or DEFAULT_ALPHA)
     if not 0.0 <= alpha < 1.0:
         raise KDError(f"--alpha must be in [0, 1), got {alpha}")
-    data = load_dataset(dataset or config.get("dataset", "digits"), data_dir or config.get("data_dir"),
-                        image_size=config["image_size"])
-    if list(data.class_names) != list(config["class_names"]):
-        raise KDError(f"the dataset's classes differ from those teacher {run_dir} was trained on")
+    data = load_run_dataset(run_dir, config, dataset, data_dir)
     probs = estimate_cmatrix(net, data, batch_size, make_accelerator())
     has_metrics = (Path(run_dir) / METRICS_FILE).is_file()
     teacher_top1 = read_run_json(run_dir, METRICS_FILE, "").get("test_top1") if has_metrics else None
@@ -299,3 +316,7 @@ def from_teacher_command(run_dir: str, out: str, overwrite: bool, dataset: str |
         teacher_model=config["model"], teacher_top1=teacher_top1,
     ))
     click.echo(f"wrote {out}: posthoc C-matrix of {config['model']} over {len(data.class_names)} classes")
+
+
+# `kd cmatrix plot` is defined with the other figure commands.
+cmatrix_group.add_command(cmatrix_plot_command)

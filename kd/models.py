@@ -8,11 +8,21 @@ Built-ins (see `BUILTIN_MODELS`):
 
 * `small_cnn` (the default): three 3x3 conv-BN-ReLU layers and a global average pool, sized
   for tiny images such as the 8x8 scikit-learn digits.
-* `lenet`: LeNet-5 style (conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84, fc K) with
-  "same" padding and an adaptive pool to the classic 16x5x5 feature map, so any input size
-  works.
-* `alexnet`: the CIFAR-style AlexNet of the label-smoothing literature (convs 64-192-384-256-256
-  with 3x3 kernels and three max-pools, dropout classifier), adaptive-pooled to 2x2.
+* `tiny_cnn`: `small_cnn` at a quarter of the width, a small student.
+* `lenet` and `alexnet`: the paper's small-image networks (its Table 3 rows; the reference
+  code's `models_small.py`), exactly, for 32x32 inputs only (`FIXED_SIZE_MODELS`):
+  - `lenet`: LeNet-5, conv 6@5x5 - ReLU - max-pool 2 - conv 16@5x5 - ReLU - max-pool 2 -
+    fc 400-120-84-K with ReLUs; no padding. 62,006 parameters at K=10 with RGB input.
+  - `alexnet`: conv 64@11x11 stride 4 pad 5 - ReLU - max-pool 2 - conv 192@5x5 pad 2 - ReLU -
+    max-pool 2 - conv 384/256/256@3x3 pad 1, each followed by ReLU - max-pool 2 - one linear
+    layer 256 -> K. 2,472,266 parameters at K=10 with RGB input.
+  Other image sizes are refused with a `KDError` that names `--image-size 32` (the data
+  layer resizes to it).
+* `lenet_padded`: LeNet-5's layers with "same" padding and an adaptive pool to the classic
+  16x5x5 feature map, so any input size works (the same 62,006 parameters at K=10, RGB).
+* `alexnet_cifar3x3`: a CIFAR-style AlexNet with 3x3 kernels throughout (convs
+  64-192-384-256-256, three max-pools, adaptive-pooled to 2x2, dropout classifier
+  1024-512-K), any input size.
 * `cifar_resnet18/34/50/101`: torchvision ResNets with the CIFAR stem (3x3 stride-1 conv, no
   max-pool).
 
@@ -20,8 +30,9 @@ Any other name that `timm.is_model` knows is created with `timm.create_model(nam
 pretrained=False, num_classes=..., in_chans=...)`, passing `img_size=image_size` to models
 whose constructor takes it (ViT, Swin, ...), so fixed-size models match the data.
 
-The built-ins are size-agnostic (max-pools use `ceil_mode`, heads use adaptive pooling), so
-`image_size` only matters for timm models; it is still validated for all.
+Apart from `FIXED_SIZE_MODELS`, the built-ins are size-agnostic (max-pools use `ceil_mode`,
+heads use adaptive pooling), so `image_size` matters only for those and timm models; it is
+still validated for all.
 """
 
 from __future__ import annotations
@@ -37,13 +48,20 @@ from kd.errors import KDError, one_line
 BUILTIN_MODELS: dict[str, str] = {
     "small_cnn": "small 3-layer CNN (32-64-128 channels, ~0.1M params) for tiny images (default)",
     "tiny_cnn": "the same CNN at a quarter of the width (8-16-32 channels, ~6k params): a small student",
-    "lenet": "LeNet-5 style CNN (conv 6/16 5x5, fc 120-84-K), size-agnostic via adaptive pooling",
-    "alexnet": "CIFAR-style AlexNet (convs 64-192-384-256-256, 3x3 kernels, dropout classifier)",
+    "lenet": "the paper's LeNet-5 (conv 6/16 5x5 unpadded, fc 400-120-84-K, 62k params); 32x32 input only",
+    "lenet_padded": "LeNet-5 layers with same-padding and an adaptive pool to 16x5x5: any input size",
+    "alexnet": "the paper's small-image AlexNet (conv 11x11/4, 5x5, 3x3 x3; 64-192-384-256-256; fc 256-K; "
+    "2.47M params); 32x32 input only",
+    "alexnet_cifar3x3": "CIFAR-style AlexNet with 3x3 kernels (64-192-384-256-256, dropout fc 1024-512-K): any input size",
     "cifar_resnet18": "torchvision ResNet-18 with a CIFAR stem (3x3 stride-1 conv, no max-pool)",
     "cifar_resnet34": "torchvision ResNet-34 with a CIFAR stem (3x3 stride-1 conv, no max-pool)",
     "cifar_resnet50": "torchvision ResNet-50 with a CIFAR stem (3x3 stride-1 conv, no max-pool)",
     "cifar_resnet101": "torchvision ResNet-101 with a CIFAR stem (3x3 stride-1 conv, no max-pool)",
 }
+
+# Built-ins defined for one input side only, and what to use instead at other sizes.
+FIXED_SIZE_MODELS: dict[str, int] = {"lenet": 32, "alexnet": 32}
+_ANY_SIZE_ALTERNATIVE = {"lenet": "lenet_padded", "alexnet": "alexnet_cifar3x3"}
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -71,42 +89,83 @@ def _tiny_cnn(num_classes: int, in_channels: int) -> nn.Module:
     return _small_cnn(num_classes, in_channels, width=8)
 
 
-def _lenet(num_classes: int, in_channels: int) -> nn.Module:
-    # Padding 2 keeps each 5x5 conv "same"-sized, so even 8x8 inputs survive both pools; the
-    # adaptive pool then restores LeNet-5's 16 x 5 x 5 = 400 features for fc 120.
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
+def _lenet_features(in_channels: int, padding: int, ceil_mode: bool) -> list[nn.Module]:
+    """LeNet-5's conv 6@5x5 - ReLU - max-pool 2 - conv 16@5x5 - ReLU - max-pool 2."""
+    return [
+        nn.Conv2d(in_channels, 6, kernel_size=5, padding=padding),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2, ceil_mode=True),
-        nn.Conv2d(6, 16, kernel_size=5, padding=2),
+        nn.MaxPool2d(2, ceil_mode=ceil_mode),
+        nn.Conv2d(6, 16, kernel_size=5, padding=padding),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2, ceil_mode=True),
-        nn.AdaptiveAvgPool2d(5),
+        nn.MaxPool2d(2, ceil_mode=ceil_mode),
+    ]
+
+
+def _lenet_classifier(num_classes: int) -> list[nn.Module]:
+    """LeNet-5's fc 400-120-84-K with ReLUs, from a 16 x 5 x 5 feature map."""
+    return [
         nn.Flatten(),
         nn.Linear(16 * 5 * 5, 120),
         nn.ReLU(inplace=True),
         nn.Linear(120, 84),
         nn.ReLU(inplace=True),
         nn.Linear(84, num_classes),
+    ]
+
+
+def _lenet(num_classes: int, in_channels: int) -> nn.Module:
+    """The paper's LeNet-5 for 32x32 input: 32 -conv5-> 28 -pool-> 14 -conv5-> 10 -pool-> 5."""
+    return nn.Sequential(*_lenet_features(in_channels, padding=0, ceil_mode=False), *_lenet_classifier(num_classes))
+
+
+def _lenet_padded(num_classes: int, in_channels: int) -> nn.Module:
+    """LeNet-5's layers for any input size (the former `lenet`)."""
+    # Padding 2 keeps each 5x5 conv "same"-sized, so even 8x8 inputs survive both pools; the
+    # adaptive pool then restores LeNet-5's 16 x 5 x 5 = 400 features for fc 120.
+    return nn.Sequential(
+        *_lenet_features(in_channels, padding=2, ceil_mode=True),
+        nn.AdaptiveAvgPool2d(5),
+        *_lenet_classifier(num_classes),
     )
 
 
-def _alexnet(num_classes: int, in_channels: int) -> nn.Module:
-    # 32x32 input: 32 -> pool 16 -> pool 8 -> pool 4 -> adaptive 2x2, i.e. 256 x 2 x 2 features.
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 64, kernel_size=3, padding=1),
+def _alexnet_features(in_channels: int, first: tuple[int, int, int], second: tuple[int, int], ceil_mode: bool) -> list[nn.Module]:
+    """AlexNet's five convs (64-192-384-256-256), each followed by ReLU, and three max-pools.
+
+    `first` is the first conv's (kernel, stride, padding), `second` the second's (kernel, padding).
+    """
+    (kernel1, stride1, padding1), (kernel2, padding2) = first, second
+    return [
+        nn.Conv2d(in_channels, 64, kernel_size=kernel1, stride=stride1, padding=padding1),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2, ceil_mode=True),
-        nn.Conv2d(64, 192, kernel_size=3, padding=1),
+        nn.MaxPool2d(2, ceil_mode=ceil_mode),
+        nn.Conv2d(64, 192, kernel_size=kernel2, padding=padding2),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2, ceil_mode=True),
+        nn.MaxPool2d(2, ceil_mode=ceil_mode),
         nn.Conv2d(192, 384, kernel_size=3, padding=1),
         nn.ReLU(inplace=True),
         nn.Conv2d(384, 256, kernel_size=3, padding=1),
         nn.ReLU(inplace=True),
         nn.Conv2d(256, 256, kernel_size=3, padding=1),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2, ceil_mode=True),
+        nn.MaxPool2d(2, ceil_mode=ceil_mode),
+    ]
+
+
+def _alexnet(num_classes: int, in_channels: int) -> nn.Module:
+    """The paper's small-image AlexNet for 32x32 input: 32 -conv11/4-> 8 -pool-> 4 -pool-> 2 -pool-> 1."""
+    return nn.Sequential(
+        *_alexnet_features(in_channels, first=(11, 4, 5), second=(5, 2), ceil_mode=False),
+        nn.Flatten(),
+        nn.Linear(256, num_classes),
+    )
+
+
+def _alexnet_cifar3x3(num_classes: int, in_channels: int) -> nn.Module:
+    """A CIFAR-style AlexNet with 3x3 kernels for any input size (the former `alexnet`)."""
+    # 32x32 input: 32 -> pool 16 -> pool 8 -> pool 4 -> adaptive 2x2, i.e. 256 x 2 x 2 features.
+    return nn.Sequential(
+        *_alexnet_features(in_channels, first=(3, 1, 1), second=(3, 1), ceil_mode=True),
         nn.AdaptiveAvgPool2d(2),
         nn.Flatten(),
         nn.Dropout(0.5),
@@ -132,13 +191,16 @@ _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "small_cnn": _small_cnn,
     "tiny_cnn": _tiny_cnn,
     "lenet": _lenet,
+    "lenet_padded": _lenet_padded,
     "alexnet": _alexnet,
+    "alexnet_cifar3x3": _alexnet_cifar3x3,
     "cifar_resnet18": _cifar_resnet(torchvision.models.resnet18),
     "cifar_resnet34": _cifar_resnet(torchvision.models.resnet34),
     "cifar_resnet50": _cifar_resnet(torchvision.models.resnet50),
     "cifar_resnet101": _cifar_resnet(torchvision.models.resnet101),
 }
 assert _BUILDERS.keys() == BUILTIN_MODELS.keys()
+assert FIXED_SIZE_MODELS.keys() == _ANY_SIZE_ALTERNATIVE.keys() <= _BUILDERS.keys()
 
 
 def _is_int(value: object) -> bool:
@@ -161,12 +223,24 @@ def _build_timm(name: str, num_classes: int, in_channels: int, image_size: int) 
         ) from exc
 
 
+def _check_fixed_size(name: str, image_size: int) -> None:
+    """A one-line `KDError` when a fixed-size built-in is asked for another image size."""
+    side = FIXED_SIZE_MODELS.get(name)
+    if side is not None and image_size != side:
+        raise KDError(
+            f"model {name!r} is the paper's network for {side}x{side} images, not "
+            f"{image_size}x{image_size}: pass --image-size {side} (the data is resized to it), "
+            f"or choose --model {_ANY_SIZE_ALTERNATIVE[name]} (any size)"
+        )
+
+
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """Build a freshly initialised classifier: (N, in_channels, H, W) -> (N, num_classes) logits.
 
     `name` is a key of `BUILTIN_MODELS` or any timm model name (`timm.list_models()`), which is
     created with `pretrained=False`. Raises `KDError` for an unknown name, num_classes < 2,
-    in_channels not 1 or 3, or a non-positive image_size.
+    in_channels not 1 or 3, a non-positive image_size, or an image_size other than the one a
+    `FIXED_SIZE_MODELS` network is defined for.
     """
     if not _is_int(num_classes) or num_classes < 2:
         raise KDError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -176,6 +250,7 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
         raise KDError(f"image_size must be a positive integer, got {image_size!r}")
     builder = _BUILDERS.get(name)
     if builder is not None:
+        _check_fixed_size(name, image_size)
         return builder(num_classes, in_channels)
     if isinstance(name, str) and name and timm.is_model(name):
         return _build_timm(name, num_classes, in_channels, image_size)

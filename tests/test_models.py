@@ -1,4 +1,4 @@
-"""Tests for kd.models: every built-in builds and runs, timm fallback, errors, CIFAR stem."""
+"""Tests for kd.models: every built-in builds and runs, the paper's exact networks, timm fallback, errors, CIFAR stem."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ import torchvision
 from torch import nn
 
 from kd.errors import KDError
-from kd.models import BUILTIN_MODELS, build_model, count_parameters
+from kd.models import BUILTIN_MODELS, FIXED_SIZE_MODELS, build_model, count_parameters
 
 K = 7  # an unusual class count, so a hard-coded 10 would show
 CIFAR_RESNETS = ["cifar_resnet18", "cifar_resnet34", "cifar_resnet50", "cifar_resnet101"]
+ANY_SIZE_SMALL = ["small_cnn", "tiny_cnn", "lenet_padded", "alexnet_cifar3x3"]
+
+
+def sizes_for(name: str) -> tuple[int, ...]:
+    """The input sides a built-in is tried at: its one side if fixed, else a tiny and a CIFAR one."""
+    return (FIXED_SIZE_MODELS[name],) if name in FIXED_SIZE_MODELS else (8, 32)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,7 +42,8 @@ def _seed():
 
 
 def test_builtin_names():
-    assert set(BUILTIN_MODELS) == {"small_cnn", "tiny_cnn", "lenet", "alexnet", *CIFAR_RESNETS}
+    assert set(BUILTIN_MODELS) == {"lenet", "alexnet", *ANY_SIZE_SMALL, *CIFAR_RESNETS}
+    assert FIXED_SIZE_MODELS == {"lenet": 32, "alexnet": 32}
     for name, description in BUILTIN_MODELS.items():
         assert description and "\n" not in description, name
 
@@ -44,7 +51,7 @@ def test_builtin_names():
 @pytest.mark.parametrize("in_channels", [1, 3])
 @pytest.mark.parametrize("name", list(BUILTIN_MODELS))
 def test_builtin_output_shape(name, in_channels):
-    for size in (8, 32):
+    for size in sizes_for(name):
         model = build_model(name, K, in_channels, size)
         assert isinstance(model, nn.Module)
         out = model.train()(torch.randn(2, in_channels, size, size))
@@ -56,7 +63,7 @@ def test_builtin_output_shape(name, in_channels):
 
 
 @pytest.mark.parametrize("size", [9, 13, 17, 28, 33, 64])
-@pytest.mark.parametrize("name", ["small_cnn", "tiny_cnn", "lenet", "alexnet"])
+@pytest.mark.parametrize("name", ANY_SIZE_SMALL)
 def test_small_builtins_accept_odd_and_large_sizes(name, size):
     model = build_model(name, K, 1, size).eval()
     with torch.no_grad():
@@ -65,8 +72,9 @@ def test_small_builtins_accept_odd_and_large_sizes(name, size):
 
 @pytest.mark.parametrize("name", list(BUILTIN_MODELS))
 def test_gradients_flow(name):
-    model = build_model(name, K, 3, 8).train()
-    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    size = sizes_for(name)[0]
+    model = build_model(name, K, 3, size).train()
+    x = torch.randn(4, 3, size, size, requires_grad=True)
     loss = F.cross_entropy(model(x), torch.tensor([0, 1, 2, K - 1]))
     loss.backward()
     assert torch.isfinite(loss)
@@ -176,5 +184,75 @@ def test_count_parameters():
     frozen = nn.Linear(4, 1)
     frozen.requires_grad_(False)
     assert count_parameters(nn.Sequential(linear, frozen)) == 8 + 5
-    model = build_model("lenet", K, 1, 28)
+    model = build_model("lenet_padded", K, 1, 28)
     assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- the paper's networks
+
+
+def _layers(model: nn.Module, kind: type) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize(("name", "in_channels", "expected"), [
+    ("alexnet", 3, 2_472_266),
+    ("lenet", 3, 62_006),
+    ("lenet", 1, 61_706),
+])
+def test_paper_networks_have_the_papers_parameter_counts(name, in_channels, expected):
+    model = build_model(name, 10, in_channels, 32)
+    assert count_parameters(model) == expected
+    with torch.no_grad():
+        assert model.eval()(torch.randn(3, in_channels, 32, 32)).shape == (3, 10)
+
+
+def test_paper_alexnet_layers():
+    model = build_model("alexnet", K, 3, 32)
+    convs = _layers(model, nn.Conv2d)
+    assert [(c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+        (64, (11, 11), (4, 4), (5, 5)),
+        (192, (5, 5), (1, 1), (2, 2)),
+        (384, (3, 3), (1, 1), (1, 1)),
+        (256, (3, 3), (1, 1), (1, 1)),
+        (256, (3, 3), (1, 1), (1, 1)),
+    ]
+    assert [(fc.in_features, fc.out_features) for fc in _layers(model, nn.Linear)] == [(256, K)]
+    assert len(_layers(model, nn.MaxPool2d)) == 3 and len(_layers(model, nn.ReLU)) == 5
+    assert not _layers(model, nn.Dropout) and not _layers(model, nn.BatchNorm2d)
+    # The reference code's order: conv, ReLU, then max-pool, and a 256 x 1 x 1 map into the head.
+    kinds = [type(m).__name__ for m in model.children()]
+    assert kinds[:3] == ["Conv2d", "ReLU", "MaxPool2d"] and kinds[-3:] == ["MaxPool2d", "Flatten", "Linear"]
+    shapes = []
+    model[-2].register_forward_hook(lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, 32, 32))
+    assert shapes == [(1, 256, 1, 1)]
+
+
+def test_paper_lenet_layers():
+    model = build_model("lenet", K, 1, 32)
+    convs = _layers(model, nn.Conv2d)
+    assert [(c.out_channels, c.kernel_size, c.padding) for c in convs] == [(6, (5, 5), (0, 0)), (16, (5, 5), (0, 0))]
+    assert [(fc.in_features, fc.out_features) for fc in _layers(model, nn.Linear)] == [(400, 120), (120, 84), (84, K)]
+    assert not _layers(model, nn.AdaptiveAvgPool2d)
+    kinds = [type(m).__name__ for m in model.children()]
+    assert kinds[:6] == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d"]
+
+
+def test_renamed_variants_keep_their_old_architecture():
+    # The former `alexnet` and `lenet`, under names that say what they are.
+    assert count_parameters(build_model("alexnet_cifar3x3", 10, 3, 32)) == 2_781_514
+    padded = build_model("lenet_padded", 10, 3, 8)
+    assert count_parameters(padded) == 62_006
+    assert [c.padding for c in _layers(padded, nn.Conv2d)] == [(2, 2), (2, 2)]
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_SIZE_MODELS))
+@pytest.mark.parametrize("size", [8, 28, 64])
+def test_paper_networks_refuse_other_sizes_in_one_line(name, size):
+    with pytest.raises(KDError) as info:
+        build_model(name, K, 1, size)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{size}x{size}" in message and "--image-size 32" in message and "--model" in message

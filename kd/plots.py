@@ -1,0 +1,291 @@
+"""Figures as PNG files: a C-matrix heatmap, a reliability diagram and per-epoch training curves.
+
+* `plot_cmatrix`: the learned class-similarity matrix drawn like the paper's Fig. 3: rows are
+  the true classes, columns the other classes, the diagonal left blank (it is 0 by
+  construction). Up to `ANNOTATE_MAX_CLASSES` classes every cell shows its value; above that
+  the cells carry no text, the tick labels get small and thinned, and the figure grows with K
+  (up to `MAX_SIDE_INCHES`), so 100 classes stay readable.
+* `plot_reliability`: a reliability diagram (Guo et al. 2017): per confidence bin, the
+  accuracy as a bar against the diagonal of perfect calibration, the gap to the bin's mean
+  confidence shaded, and the ECE in the title, computed by `kd.metrics` (the number
+  `metrics.json` reports as `test_ece` for the same predictions).
+* `plot_curves`: every per-epoch list of a run's `metrics.json` (`epoch_train_loss`, the parts
+  of `epoch_loss_parts`, and any later `epoch_*` list or dict of lists) against the epoch.
+
+Figures are drawn with matplotlib's object-oriented API on an Agg canvas: no display, no
+pyplot state, nothing left open (each `Figure` is local to its function and freed with it).
+Every PNG is written atomically with the umask-honouring permissions of `kd.io.atomic_path`;
+an unwritable destination is a one-line `KDError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from kd.cmatrix import CMatrix
+from kd.errors import KDError, one_line
+from kd.io import atomic_path
+from kd.metrics import classification_metrics
+
+DPI = 110
+# C-matrix heatmaps: values in the cells up to this many classes ...
+ANNOTATE_MAX_CLASSES = 20
+# ... every class named on the axes up to this many (above: every n-th, so about this many) ...
+LABEL_EVERY_MAX_CLASSES = 50
+# ... and the figure's side grows with K up to this.
+MAX_SIDE_INCHES = 24.0
+_NAME_CHARS = 16  # longer class names are cut on the axes
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _new_figure(size: tuple[float, float], **kwargs: Any) -> Figure:
+    """A figure on its own Agg canvas (no pyplot, no display), laid out without overlaps."""
+    figure = Figure(figsize=size, dpi=DPI, layout="constrained", **kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> Path:
+    """Write `figure` to `path` as a PNG, atomically; an OSError becomes a one-line KDError."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=DPI)
+    except OSError as error:
+        raise KDError(f"cannot write {path}: {error.strerror or one_line(error)}") from None
+    finally:
+        figure.clear()
+    return path
+
+
+def _short_name(name: str) -> str:
+    return name if len(name) <= _NAME_CHARS else name[: _NAME_CHARS - 1] + "\u2026"
+
+
+def _text_colour(rgba: Sequence[float]) -> str:
+    """Black on light cells, white on dark ones."""
+    red, green, blue = rgba[:3]
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+
+
+# ---------------------------------------------------------------------------------------------
+# C-matrix
+
+
+def _cmatrix_title(cm: CMatrix) -> str:
+    teacher = cm.teacher_model or "unknown teacher"
+    if cm.teacher_top1 is not None:
+        teacher += f" (top-1 {cm.teacher_top1:.4f})"
+    return f"C-matrix ({cm.source}), {cm.dataset or 'unknown dataset'}, {teacher}, K={cm.num_classes}"
+
+
+def plot_cmatrix(cm: CMatrix, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Draw `cm` as a labelled heatmap (rows: true class, columns: other class, blank diagonal).
+
+    The colour scale spans the off-diagonal probabilities, smallest to largest (from 0 for a
+    uniform matrix), as in the paper's Fig. 3. Returns the path written. `title` defaults to the source, dataset, teacher and K from the file.
+    """
+    k = cm.num_classes
+    probs = cm.probs.detach().to("cpu", torch.float64).numpy().copy()
+    np.fill_diagonal(probs, np.nan)
+    annotate = k <= ANNOTATE_MAX_CLASSES
+    side = min(max(3.0 + (0.6 if annotate else 0.17) * k, 6.0), MAX_SIDE_INCHES)
+    figure = _new_figure((side + 1.5, side))
+    axes = figure.add_subplot()
+    cmap = colormaps["viridis"].with_extremes(bad="white")
+    vmin, vmax = float(np.nanmin(probs)), float(np.nanmax(probs))
+    if vmax <= vmin:  # a uniform matrix: one colour, on a scale from 0
+        vmin, vmax = 0.0, vmax or 1.0
+    image = axes.imshow(np.ma.masked_invalid(probs), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="probability")
+
+    step = max(1, math.ceil(k / LABEL_EVERY_MAX_CLASSES))
+    ticks = list(range(0, k, step))
+    names = [_short_name(cm.class_names[i]) for i in ticks]
+    font = 9 if annotate else max(5, 8 - k // 40)
+    axes.set_xticks(ticks, names, rotation=90, fontsize=font)
+    axes.set_yticks(ticks, names, fontsize=font)
+    axes.set_xlabel("other class")
+    axes.set_ylabel("true class")
+    axes.set_title(title if title is not None else _cmatrix_title(cm), fontsize=10 if annotate else 12)
+    if annotate:
+        digits = 2 if k <= 10 else 3
+        cell_font = 8 if k <= 10 else 6
+        for row in range(k):
+            for column in range(k):
+                if row != column:
+                    value = probs[row, column]
+                    axes.text(column, row, f"{value:.{digits}f}", ha="center", va="center", fontsize=cell_font,
+                              color=_text_colour(cmap(image.norm(value))))
+    return _save(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# reliability diagram
+
+
+def _as_logits(probs_or_logits: Any) -> torch.Tensor:
+    """(N, K) float64 logits: probabilities (every row in [0, 1] summing to 1) are taken as their log."""
+    scores = torch.as_tensor(probs_or_logits).detach().to("cpu", torch.float64)
+    if scores.dim() == 2 and scores.numel() and torch.isfinite(scores).all():
+        is_probs = bool(((scores >= 0) & (scores <= 1)).all()) and bool(
+            torch.allclose(scores.sum(dim=1), torch.ones(scores.shape[0], dtype=torch.float64), atol=1e-3)
+        )
+        if is_probs:
+            return scores.log()  # log_softmax(log p) = log p: the same confidences and predictions
+    return scores
+
+
+def calibration_bins(logits: torch.Tensor, labels: torch.Tensor, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin: (count, mean confidence, accuracy), NaN for empty bins.
+
+    The confidences are those of `kd.metrics.classification_metrics` (max softmax probability,
+    in float64) and bin m holds (m/bins, (m+1)/bins] as in `kd.metrics.expected_calibration_error`
+    (a confidence of 0 in the first bin), so these bars add up to its ECE.
+    """
+    log_probs = torch.log_softmax(logits.to(torch.float64), dim=1)
+    max_log_prob, predictions = log_probs.max(dim=1)
+    confidences = max_log_prob.exp()
+    correct = (predictions == labels.to(torch.long)).to(torch.float64)
+    inner_edges = torch.arange(1, bins, dtype=torch.float64) / bins
+    index = torch.bucketize(confidences, inner_edges, right=False).clamp_(0, bins - 1)
+    count = torch.bincount(index, minlength=bins).to(torch.float64)
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidences)
+    corr_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return count.numpy(), (conf_sum / count).numpy(), (corr_sum / count).numpy()
+
+
+def plot_reliability(
+    probs_or_logits: Any, labels: Any, path: str | os.PathLike, bins: int = 15, *, title: str | None = None
+) -> float:
+    """Draw a reliability diagram of (N, K) predictions against (N,) integer labels; return the ECE.
+
+    `probs_or_logits` is taken as probabilities when every row lies in [0, 1] and sums to 1
+    (within 1e-3), else as logits. Top: each non-empty bin's accuracy as a bar, the gap to
+    the bin's mean confidence shaded, the diagonal of perfect calibration, and the ECE (from
+    `kd.metrics.classification_metrics`, `bins` equal-width bins) in the title. Bottom: the
+    share of predictions per bin.
+    """
+    logits = _as_logits(probs_or_logits)
+    labels = torch.as_tensor(labels).detach().cpu()
+    metrics = classification_metrics(logits, labels, n_bins=bins)  # also checks shapes, labels and bins
+    ece = metrics["ece"]
+    count, confidence, accuracy = calibration_bins(logits, labels, bins)
+    n = int(count.sum())
+    width = 1.0 / bins
+    centres = (np.arange(bins) + 0.5) * width
+    filled = count > 0
+
+    figure = _new_figure((6.0, 7.0))
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.bar(centres[filled], accuracy[filled], width=width, color="#3b75af", edgecolor="black", linewidth=0.6,
+            label="accuracy")
+    gap = confidence[filled] - accuracy[filled]
+    top.bar(centres[filled], gap, bottom=accuracy[filled], width=width, color="#d62728", alpha=0.3,
+            edgecolor="#d62728", hatch="//", linewidth=0.6, label="gap to mean confidence")
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1.2, label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(
+        f"{title or 'Reliability diagram'}\nECE {ece:.4f} ({bins} bins), top-1 {metrics['top1']:.4f}, "
+        f"mean confidence {metrics['mean_confidence']:.4f}, N={n}",
+        fontsize=10,
+    )
+    bottom.bar(centres, count / n, width=width, color="grey", edgecolor="black", linewidth=0.6)
+    bottom.set_xlabel("confidence (max softmax probability)")
+    bottom.set_ylabel("share")
+    _save(figure, path)
+    return ece
+
+
+# ---------------------------------------------------------------------------------------------
+# training curves
+
+
+def _as_series(value: Any) -> list[float] | None:
+    """A list of numbers (None, i.e. a non-finite value in strict JSON, becomes NaN), else None."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    numbers = []
+    for item in value:
+        if item is None:
+            numbers.append(math.nan)
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            numbers.append(float(item))
+        else:
+            return None
+    return numbers if any(math.isfinite(x) for x in numbers) else None
+
+
+def epoch_series(metrics: Mapping[str, Any]) -> dict[str, list[tuple[str, list[float]]]]:
+    """The per-epoch lists of a run's metrics, grouped into panels: {panel title: [(label, values)]}.
+
+    A per-epoch list is a list of numbers under a key starting with `epoch_`, or in a dict
+    (part -> list) under such a key. `epoch_train_loss` and the parts of `epoch_loss_parts`
+    share the "training loss" panel (a part equal to the total is not drawn twice); every
+    other list gets its own panel, and every other dict one panel with a line per entry.
+    """
+    panels: dict[str, list[tuple[str, list[float]]]] = {}
+    total = _as_series(metrics.get("epoch_train_loss"))
+    loss_panel = "training loss"
+    if total is not None:
+        panels[loss_panel] = [("total", total)]
+    for key, value in metrics.items():
+        if not key.startswith("epoch_") or key == "epoch_train_loss":
+            continue
+        name = key.removeprefix("epoch_").replace("_", " ")
+        if isinstance(value, Mapping):
+            panel = loss_panel if key == "epoch_loss_parts" else name
+            for part, values in value.items():
+                series = _as_series(values)
+                if series is not None and not (panel == loss_panel and series == total):
+                    panels.setdefault(panel, []).append((str(part), series))
+        elif (series := _as_series(value)) is not None:
+            panels.setdefault(name, []).append((name, series))
+    return panels
+
+
+def plot_curves(metrics: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Draw every per-epoch list of a run's metrics.json (see `epoch_series`) against the epoch.
+
+    Raises a one-line `KDError` when there is no per-epoch list to draw. Returns the path written.
+    """
+    panels = epoch_series(metrics)
+    if not panels:
+        raise KDError("no per-epoch values to plot (no epoch_train_loss, epoch_loss_parts or other epoch_* lists)")
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = _new_figure((5.0 * columns, 3.6 * rows))
+    grid = figure.subplots(rows, columns, squeeze=False)
+    for axes, (panel, lines) in zip(grid.flat, panels.items()):
+        for label, values in lines:
+            epochs = np.arange(1, len(values) + 1)
+            axes.plot(epochs, values, marker="o", markersize=3, linewidth=1.5, label=label)
+        axes.set_title(panel)
+        axes.set_xlabel("epoch")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+        if len(lines) > 1:
+            axes.legend(fontsize=8)
+    for axes in list(grid.flat)[len(panels):]:
+        axes.set_visible(False)
+    model, method = metrics.get("model"), metrics.get("method")
+    if model or method:
+        figure.suptitle(" / ".join(str(x) for x in (model, method) if x))
+    return _save(figure, path)
