@@ -1,7 +1,8 @@
 """One data layer for every dataset: a name (and a directory) in, class names and images out.
 
 `load_dataset` returns an `ImageDataset`: the class names, the image geometry, the
-normalisation statistics, the augmentations that suit the data, and the two splits. A split
+normalisation statistics, the augmentations the data gets unless the user chooses others
+(`kd.augment.default_augment`), and the two splits. A split
 is either an `InMemorySplit` (every image decoded once into one uint8 N x C x H x W tensor,
 for small images) or a streaming `torch.utils.data.Dataset` that yields
 (uint8 C x S x S tensor, int label) pairs (for large ImageFolder trees). Batching, sharding,
@@ -22,6 +23,7 @@ from the first one; hidden folders (``.ipynb_checkpoints``) are not classes.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -37,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
+from kd.augment import default_augment
 from kd.errors import KDError, one_line, short_list
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "mnist", "fashionmnist", "svhn", "imagefolder")
@@ -63,13 +66,13 @@ _MAX_CHUNK = 1024
 # The image geometry is decided from the headers of this many training images (all, if fewer).
 _PROBE_FILES = 512
 
-# name -> (torchvision class, display name, hflip, crop padding at the native size)
+# name -> (torchvision class, display name)
 _TORCHVISION = {
-    "cifar10": ("CIFAR10", "CIFAR-10", True, 4),
-    "cifar100": ("CIFAR100", "CIFAR-100", True, 4),
-    "mnist": ("MNIST", "MNIST", False, 2),
-    "fashionmnist": ("FashionMNIST", "Fashion-MNIST", True, 2),
-    "svhn": ("SVHN", "SVHN", False, 4),
+    "cifar10": ("CIFAR10", "CIFAR-10"),
+    "cifar100": ("CIFAR100", "CIFAR-100"),
+    "mnist": ("MNIST", "MNIST"),
+    "fashionmnist": ("FashionMNIST", "Fashion-MNIST"),
+    "svhn": ("SVHN", "SVHN"),
 }
 
 
@@ -102,8 +105,7 @@ class ImageDataset:
     train: InMemorySplit | Dataset
     test: InMemorySplit | Dataset
     in_memory: bool
-    hflip: bool
-    crop_padding: int
+    default_augment: tuple[str, ...]  # the training augmentations unless the user chooses (kd.augment names)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     skipped_images: int = 0  # unreadable image files left out (`skip_bad_images=True`)
@@ -180,7 +182,7 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
 
 
 def _in_memory_dataset(
-    name: str, class_names: list[str], train: InMemorySplit, test: InMemorySplit, hflip: bool, crop_padding: int
+    name: str, class_names: list[str], train: InMemorySplit, test: InMemorySplit, augment: tuple[str, ...]
 ) -> ImageDataset:
     mean, std = _channel_stats(train.images)
     return ImageDataset(
@@ -191,8 +193,7 @@ def _in_memory_dataset(
         train=train,
         test=test,
         in_memory=True,
-        hflip=hflip,
-        crop_padding=crop_padding,
+        default_augment=augment,
         mean=mean,
         std=std,
     )
@@ -218,8 +219,7 @@ def _resize_in_memory(dataset: ImageDataset, size: int, max_bytes: int) -> Image
         )
     train = InMemorySplit(_resize_images(dataset.train.images, size), dataset.train.labels)
     test = InMemorySplit(_resize_images(dataset.test.images, size), dataset.test.labels)
-    padding = max(1, round(dataset.crop_padding * size / dataset.image_size)) if dataset.crop_padding else 0
-    return _in_memory_dataset(dataset.name, dataset.class_names, train, test, dataset.hflip, padding)
+    return _in_memory_dataset(dataset.name, dataset.class_names, train, test, dataset.default_augment)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -238,7 +238,7 @@ def _load_digits() -> ImageDataset:
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
     train = InMemorySplit(images_t[train_idx].contiguous(), labels_t[train_idx].contiguous())
     test = InMemorySplit(images_t[test_idx].contiguous(), labels_t[test_idx].contiguous())
-    return _in_memory_dataset("digits", [str(d) for d in range(10)], train, test, hflip=False, crop_padding=1)
+    return _in_memory_dataset("digits", [str(d) for d in range(10)], train, test, default_augment("digits"))
 
 
 # ----------------------------------------------------------------------------- torchvision datasets
@@ -247,7 +247,7 @@ def _load_digits() -> ImageDataset:
 def _load_torchvision(key: str, data_dir: str | os.PathLike | None, download: bool) -> ImageDataset:
     import torchvision.datasets
 
-    class_name, display, hflip, crop_padding = _TORCHVISION[key]
+    class_name, display = _TORCHVISION[key]
     if data_dir is None:
         raise KDError(f"{key} needs --data-dir DIR: where the {display} data is, or where --download should put it")
     root = os.path.expanduser(os.fspath(data_dir))
@@ -282,7 +282,7 @@ def _load_torchvision(key: str, data_dir: str | os.PathLike | None, download: bo
         splits.append(InMemorySplit(images.to(torch.uint8).contiguous(), labels.contiguous()))
         if train:
             class_names = [str(d) for d in range(10)] if key == "svhn" else [str(c) for c in source.classes]
-    return _in_memory_dataset(key, class_names, splits[0], splits[1], hflip=hflip, crop_padding=crop_padding)
+    return _in_memory_dataset(key, class_names, splits[0], splits[1], default_augment(key))
 
 
 # ----------------------------------------------------------------------------- imagefolder
@@ -577,9 +577,12 @@ def _read_headers(
     return headers, _run_chunks(_HeaderChunks(files, chunk), desc, skip_bad, take)
 
 
-class _StreamingImageFolder(ImageFolder):
+class StreamingImageFolder(ImageFolder):
     """torchvision's ImageFolder over an already-checked (path, label) list (no second directory walk).
 
+    Samples are (uint8 C x S x S tensor, label): `transform` (one argument, torchvision's
+    convention) makes the tensor, unless `with_transform` gave a copy a transform of
+    (image, sample index), such as the seeded training crop of `kd.augment.StreamingResizedCrop`.
     An unreadable file is a one-line KDError naming it; with `skip_bad` the next readable sample
     stands in for it (and a line on stderr names it). Module-level so DataLoader workers started
     with spawn or forkserver can unpickle it.
@@ -597,7 +600,14 @@ class _StreamingImageFolder(ImageFolder):
         self._kd_class_names = list(class_names)
         self._kd_samples = list(samples)
         self._kd_skip_bad = skip_bad
+        self._kd_indexed_transform: Callable[[Any, int], torch.Tensor] | None = None
         super().__init__(str(root), transform=transform, loader=loader)
+
+    def with_transform(self, transform: Callable[[Any, int], torch.Tensor]) -> StreamingImageFolder:
+        """A copy (sharing the sample list) whose samples are `transform(image, index)`."""
+        twin = copy.copy(self)
+        twin._kd_indexed_transform = transform
+        return twin
 
     def find_classes(self, directory: Any) -> tuple[list[str], dict[str, int]]:
         return list(self._kd_class_names), {name: i for i, name in enumerate(self._kd_class_names)}
@@ -610,6 +620,8 @@ class _StreamingImageFolder(ImageFolder):
             path, label = self.samples[(index + step) % len(self.samples)]
             try:
                 image = self.loader(path)
+                if self._kd_indexed_transform is not None:
+                    return self._kd_indexed_transform(image, index), label
                 return (self.transform(image) if self.transform is not None else image), label
             except Exception as error:  # the loader's KDError, or a transform's failure on this file
                 failure = _image_error(path, error)
@@ -698,7 +710,7 @@ def _load_imagefolder(
             data[split] = InMemorySplit(images, labels)
         dataset = _in_memory_dataset(
             f"imagefolder:{root.resolve().name}", class_names, data["train"], data[test_dir.name],
-            hflip=True, crop_padding=max(1, size // 8),
+            default_augment("imagefolder"),
         )
     else:
         # Streaming reads each file only when a batch needs it: check every header now, so an
@@ -729,19 +741,19 @@ def _streaming_dataset(
     from torchvision import transforms as T
 
     loader = partial(_streaming_loader, channels=channels)
-    train_tf = T.Compose([T.RandomResizedCrop(size), T.PILToTensor()])
-    test_tf = T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.PILToTensor()])
+    # Both splits: the evaluation view (resize to size / 0.875, centre crop). Training with the
+    # crop augmentation swaps in `kd.augment.StreamingResizedCrop` (see `kd.loader`).
+    view = T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.PILToTensor()])
     (train_dir, train_samples), (test_dir, test_samples) = splits.values()
     return ImageDataset(
         name=f"imagefolder:{root.resolve().name}",
         class_names=class_names,
         channels=channels,
         image_size=size,
-        train=_StreamingImageFolder(train_dir, class_names, train_samples, train_tf, loader, skip_bad),
-        test=_StreamingImageFolder(test_dir, class_names, test_samples, test_tf, loader, skip_bad),
+        train=StreamingImageFolder(train_dir, class_names, train_samples, view, loader, skip_bad),
+        test=StreamingImageFolder(test_dir, class_names, test_samples, view, loader, skip_bad),
         in_memory=False,
-        hflip=True,
-        crop_padding=0,
+        default_augment=default_augment("imagefolder"),
         mean=IMAGENET_MEAN if channels == 3 else GRAY_MEAN,
         std=IMAGENET_STD if channels == 3 else GRAY_STD,
     )

@@ -2,10 +2,12 @@
 
 One path for every dataset. Each process gets its own slice of every epoch (`shard_indices`).
 In-memory data (a uint8 tensor, see `kd.datasets.InMemorySplit`) is moved to the device once
-and batches are cut, randomly cropped and flipped there, instead of PIL work per sample per
-epoch. Streaming data (large ImageFolder trees) goes through a DataLoader with workers over
-the same shard, decoding and resizing on the CPU; flip and normalisation still run on the
-device. A worker's `KDError` (an unreadable image) reaches the caller as the worker's one line.
+and batches are cut and augmented there (`kd.augment`: the user's list, or the dataset's
+default), instead of PIL work per sample per epoch. Streaming data (large ImageFolder trees)
+goes through a DataLoader with workers over the same shard, decoding and resizing on the CPU
+(with ``crop`` listed, making the seeded random-resized crop there); the other augmentations
+and normalisation still run on the device. A worker's `KDError` (an unreadable image) reaches
+the caller as the worker's one line.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import traceback
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from kd.datasets import ImageDataset, InMemorySplit
+from kd.augment import AugmentOptions, StreamingResizedCrop, build_pipeline
+from kd.datasets import ImageDataset, InMemorySplit, StreamingImageFolder
 from kd.errors import KDError
 
 
@@ -65,35 +67,6 @@ def worker_error(error: KDError) -> KDError:
     return KDError(" ".join(text.split())[:300])
 
 
-class BatchAugment:
-    """Random crop with zero padding and random horizontal flip for a uint8 N x C x H x W batch."""
-
-    def __init__(self, crop_padding: int, hflip: bool, generator: torch.Generator) -> None:
-        self.crop_padding = crop_padding
-        self.hflip = hflip
-        self.generator = generator  # on the batches' device
-
-    def _rand(self, n: int, high: int, device: torch.device) -> torch.Tensor:
-        return torch.randint(0, high, (n,), generator=self.generator, device=device)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = images.shape
-        if self.crop_padding > 0:
-            p = self.crop_padding
-            padded = F.pad(images, (p, p, p, p))
-            top = self._rand(n, 2 * p + 1, images.device)
-            left = self._rand(n, 2 * p + 1, images.device)
-            rows = (top[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # N,1,H,1
-            cols = (left[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # N,1,1,W
-            batch = torch.arange(n, device=images.device)[:, None, None, None]
-            channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-            images = padded[batch, channel, rows, cols]
-        if self.hflip:
-            flip = self._rand(n, 2, images.device).bool()[:, None, None, None]
-            images = torch.where(flip, images.flip(3), images)
-        return images
-
-
 class Normalize:
     """uint8 batch -> float batch, (x / 255 - mean) / std per channel."""
 
@@ -117,13 +90,16 @@ class _Subset(Dataset):
 
 
 class DeviceBatches:
-    """Iterable over (normalised float images, labels, valid mask) batches on `device`.
+    """Iterable over (normalised float images, targets, valid mask) batches on `device`.
 
     `training=True` (the default for the train split): shuffled each epoch (call
-    `set_epoch`), augmented, incomplete last batch dropped. `training=False` (the default for
-    the test split; also for a pass over the train split, e.g. to estimate a C-matrix): fixed
-    order, no augmentation, every sample exactly once across the processes (padding is
-    flagged invalid in the mask).
+    `set_epoch`), augmented by `augment` (None: the dataset's `default_augment` with default
+    parameters), incomplete last batch dropped; targets are (N,) class indices, or (N, K)
+    float32 label distributions when Mixup or CutMix is listed. All augmentation randomness
+    comes from `self.generator` (save its state to resume bitwise). `training=False` (the
+    default for the test split; also for a pass over the train split, e.g. to estimate a
+    C-matrix): fixed order, no augmentation, class-index targets, every sample exactly once
+    across the processes (padding is flagged invalid in the mask).
     """
 
     def __init__(
@@ -138,6 +114,7 @@ class DeviceBatches:
         seed: int = 0,
         num_workers: int | None = None,
         training: bool | None = None,
+        augment: AugmentOptions | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -151,9 +128,15 @@ class DeviceBatches:
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         self.normalize = Normalize(data.mean, data.std, device)
         self.generator = torch.Generator(device=device).manual_seed(seed * 7919 + rank)
+        self.image_size = data.image_size
+        self.augment_options = (augment or AugmentOptions(data.default_augment)) if self.train else None
         self.augment = (
-            BatchAugment(data.crop_padding if data.in_memory else 0, data.hflip, self.generator)
-            if self.train
+            build_pipeline(
+                self.augment_options, image_size=data.image_size, num_classes=data.num_classes,
+                normalize=self.normalize, generator=self.generator,
+                streaming=not isinstance(self.source, InMemorySplit),
+            )
+            if self.augment_options is not None
             else None
         )
         if isinstance(self.source, InMemorySplit):
@@ -193,8 +176,12 @@ class DeviceBatches:
                 chunk = indices[start : start + self.batch_size]
                 yield self._images[chunk], self._labels[chunk]
             return
+        source = self.source
+        if self.augment_options is not None and "crop" in self.augment_options.names:
+            assert isinstance(source, StreamingImageFolder)
+            source = source.with_transform(StreamingResizedCrop(self.image_size, self.seed, self.epoch))
         loader = DataLoader(
-            _Subset(self.source, indices.tolist()),
+            _Subset(source, indices.tolist()),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
@@ -227,7 +214,10 @@ class DeviceBatches:
         indices, valid = indices[first:last], valid[first:last]
         valid = valid.to(self.device)
         for batch_number, (images, labels) in enumerate(self._uint8_batches(indices)):
-            if self.augment is not None:
-                images = self.augment(images)
             start = batch_number * self.batch_size
-            yield self.normalize(images), labels, valid[start : start + len(labels)]
+            targets = labels
+            if self.augment is not None:
+                images, targets = self.augment(images, labels)
+            else:
+                images = self.normalize(images)
+            yield images, targets, valid[start : start + len(labels)]

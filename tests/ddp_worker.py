@@ -54,7 +54,7 @@ def make_data() -> ImageDataset:
     return ImageDataset(
         name="indexed", class_names=[f"c{i}" for i in range(NUM_CLASSES)], channels=1, image_size=4,
         train=indexed_split(TRAIN_SAMPLES, 0, generator), test=indexed_split(TEST_SAMPLES, 1000, generator),
-        in_memory=True, hflip=False, crop_padding=0, mean=(0.0,), std=(1.0,),
+        in_memory=True, default_augment=(), mean=(0.0,), std=(1.0,),
     )
 
 

@@ -78,7 +78,7 @@ def test_digits_shapes_values_and_description():
     assert data.train.images.dtype == torch.uint8 and data.train.images.is_contiguous()
     assert data.train.labels.dtype == torch.int64 and data.test.labels.shape == (360,)
     assert data.class_names == [str(d) for d in range(10)] and data.num_classes == 10
-    assert (data.channels, data.image_size, data.hflip, data.crop_padding) == (1, 8, False, 1)
+    assert (data.channels, data.image_size, data.default_augment) == (1, 8, ("crop",))
     assert int(torch.cat([data.train.images, data.test.images]).max()) == 255
     assert int(data.train.images.min()) == 0
     description = data.describe()
@@ -117,7 +117,7 @@ def test_digits_mean_std_are_computed_from_training_images():
 def test_digits_resized_on_request():
     data = load_dataset("digits", image_size=16)
     assert data.train.images.shape == (1437, 1, 16, 16) and data.image_size == 16
-    assert data.crop_padding == 2
+    assert data.default_augment == ("crop",)
     with pytest.raises(KDError) as excinfo:
         load_dataset("digits", image_size=64, max_in_memory_bytes=1000)
     assert_one_line_kderror(excinfo, "digits", "--image-size")
@@ -144,7 +144,7 @@ def test_imagefolder_rgb_labels_follow_sorted_folder_names(tmp_path):
     data = load_dataset("imagefolder", tmp_path / "pets")
     assert data.name == "imagefolder:pets" and data.in_memory
     assert data.class_names == ["ant", "bee", "cat"]
-    assert (data.channels, data.image_size, data.hflip, data.crop_padding) == (3, 6, True, 1)
+    assert (data.channels, data.image_size, data.default_augment) == (3, 6, ("crop", "flip"))
     assert data.train.images.shape == (9, 3, 6, 6) and data.test.images.shape == (9, 3, 6, 6)
     assert data.train.images.dtype == torch.uint8 and data.train.labels.dtype == torch.int64
     for split in (data.train, data.test):
@@ -295,7 +295,7 @@ def test_cifar10_jpeg_subset_matches_pil(cifar10_small, monkeypatch):
     monkeypatch.setattr(kdd, "_MAX_CHUNK", 16)  # several chunks, so worker processes take part
     data = load_dataset("imagefolder", cifar10_small)
     assert data.class_names == CIFAR10_CLASSES
-    assert (data.channels, data.image_size, data.in_memory, data.crop_padding) == (3, 32, True, 4)
+    assert (data.channels, data.image_size, data.in_memory, data.default_augment) == (3, 32, True, ("crop", "flip"))
     assert data.train.images.shape == (100, 3, 32, 32) and data.test.images.shape == (50, 3, 32, 32)
     assert torch.bincount(data.train.labels).tolist() == [10] * 10
     files = [p for c in CIFAR10_CLASSES for p in sorted((cifar10_small / "train" / c).iterdir())]
@@ -320,7 +320,7 @@ def test_streaming_when_over_the_memory_limit(tmp_path):
     values = make_tree(tmp_path, size=10)
     data = load_dataset("imagefolder", tmp_path, max_in_memory_bytes=100)
     assert not data.in_memory and isinstance(data.train, torch.utils.data.Dataset)
-    assert (data.hflip, data.crop_padding, data.mean, data.std) == (True, 0, kdd.IMAGENET_MEAN, kdd.IMAGENET_STD)
+    assert (data.default_augment, data.mean, data.std) == (("crop", "flip"), kdd.IMAGENET_MEAN, kdd.IMAGENET_STD)
     assert len(data.train) == 9 and len(data.test) == 9 and data.num_classes == 3
     for split in (data.train, data.test):
         image, label = split[4]
@@ -496,8 +496,10 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.mark.parametrize("name,folder,hflip", [("mnist", "MNIST", False), ("fashionmnist", "FashionMNIST", True)])
-def test_mnist_style_files_load_as_n_1_28_28(tmp_path, name, folder, hflip):
+@pytest.mark.parametrize(
+    "name,folder,augment", [("mnist", "MNIST", ("crop",)), ("fashionmnist", "FashionMNIST", ("crop", "flip"))]
+)
+def test_mnist_style_files_load_as_n_1_28_28(tmp_path, name, folder, augment):
     rng = np.random.default_rng(0)
     raw = tmp_path / folder / "raw"
     for prefix, n in (("train", 30), ("t10k", 10)):
@@ -506,7 +508,7 @@ def test_mnist_style_files_load_as_n_1_28_28(tmp_path, name, folder, hflip):
     data = load_dataset(name, tmp_path)
     assert data.train.images.shape == (30, 1, 28, 28) and data.test.images.shape == (10, 1, 28, 28)
     assert data.train.images.dtype == torch.uint8 and data.train.labels.tolist() == [i % 10 for i in range(30)]
-    assert (data.channels, data.image_size, data.hflip, data.crop_padding, data.num_classes) == (1, 28, hflip, 2, 10)
+    assert (data.channels, data.image_size, data.default_augment, data.num_classes) == (1, 28, augment, 10)
     assert data.train.images.is_contiguous()
 
 
@@ -535,7 +537,7 @@ def test_cifar_layout_is_converted_to_nchw(tmp_path, monkeypatch):
     data = load_dataset("cifar10", tmp_path)
     assert data.train.images.shape == (4, 3, 32, 32) and data.train.images.is_contiguous()
     assert int(data.train.images[0, 0, 1, 2]) == 200 and int(data.train.images[0, 1:].max()) == 0
-    assert data.class_names == ["c0", "c1"] and (data.hflip, data.crop_padding) == (True, 4)
+    assert data.class_names == ["c0", "c1"] and data.default_augment == ("crop", "flip")
 
 
 def test_svhn_uses_labels_and_digit_names(tmp_path, monkeypatch):
@@ -545,4 +547,4 @@ def test_svhn_uses_labels_and_digit_names(tmp_path, monkeypatch):
     data = load_dataset("svhn", tmp_path)
     assert data.train.images.shape == (5, 3, 32, 32) and data.test.images.shape == (3, 3, 32, 32)
     assert int(data.train.images[0, 2, 1, 2]) == 77 and data.train.labels.dtype == torch.int64
-    assert data.class_names == [str(d) for d in range(10)] and (data.hflip, data.crop_padding) == (False, 4)
+    assert data.class_names == [str(d) for d in range(10)] and data.default_augment == ("crop",)
