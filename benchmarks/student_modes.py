@@ -1,7 +1,7 @@
 """Step time of the three student modes side by side: plain, proxy teacher (PT-LS++), classic KD.
 
     python benchmarks/student_modes.py [--data-dir .data/cifar10-jpeg] [--student small_cnn]
-        [--teacher RUN_DIR | --teacher-model alexnet] [--steps 40] [--repeats 5] [--batch-size 128]
+        [--teacher RUN_DIR | --teacher-model alexnet_cifar3x3] [--steps 40] [--repeats 5] [--batch-size 128]
 
 The dataset is decoded once; then, for each repeat, the three modes train the same student
 (same seed, same batches) for a fixed number of steps through the toolkit's own engine, one
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".data" / "cifar10-jpeg")
     parser.add_argument("--student", default="small_cnn")
     parser.add_argument("--teacher", type=Path, help="teacher run directory (its weights and cmatrix.safetensors)")
-    parser.add_argument("--teacher-model", default="alexnet", help="random-init teacher when --teacher is not given")
+    parser.add_argument("--teacher-model", default="alexnet_cifar3x3", help="random-init teacher when --teacher is not given")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)

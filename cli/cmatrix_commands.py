@@ -79,15 +79,18 @@ def check_out_file(out: str, overwrite: bool, example: str = "cmatrix.safetensor
 
 
 def load_run_dataset(run_dir: str, config: dict, dataset: str | None = None, data_dir: str | None = None) -> ImageDataset:
-    """The dataset a run was trained on (or `dataset` / `data_dir`), at the run's image size.
+    """The dataset a run was trained on (or `dataset` / `data_dir`), at the run's image size, with
+    the run's training subset (`--train-per-class`, the same seed) unless another dataset is given.
 
     `config` is the run's config.json (`kd.rundir.load_run_model` returns it). The dataset's
     class names must be the run's, in order, or it is a one-line KDError.
     """
-    from kd.datasets import load_dataset
+    from kd.datasets import load_dataset, train_per_class
 
     data = load_dataset(dataset or config.get("dataset", "digits"), data_dir or config.get("data_dir"),
                         image_size=config["image_size"], skip_bad_images=bool(config.get("skip_bad_images")))
+    if config.get("train_per_class") and dataset is None and data_dir is None:
+        data = train_per_class(data, config["train_per_class"], config.get("seed", 0))
     if list(data.class_names) != list(config["class_names"]):
         raise KDError(f"the dataset's classes differ from those the run in {run_dir} was trained on")
     return data
@@ -123,7 +126,7 @@ def cmatrix_validate_command(files: tuple[str, ...], classes_from: str | None, d
     one `FAIL FILE: <reason>`. All files are checked; the exit status is 1 if any failed.
     """
     from cli.cmatrix_display import summary_line
-    from kd.cmatrix import CMatrixError, check_class_names, file_sha256, load_cmatrix
+    from kd.cmatrix import PEAKED_ENTROPY, CMatrixError, check_class_names, file_sha256, load_cmatrix, peaked_rows, quoted_names
 
     expected = _classes_from(classes_from, data_dir) if classes_from is not None else None
     failed = 0
@@ -142,6 +145,12 @@ def cmatrix_validate_command(files: tuple[str, ...], classes_from: str | None, d
                         f"`kd cmatrix remap {file} --classes-from {classes_from}{fix} --out NEW_FILE`"
                     ) from None
             line = f"OK   {file}: {summary_line(cm)}"
+            peaked = peaked_rows(cm)
+            if peaked:  # a warning, not a failure: the C-loss ablation legitimately makes such matrices
+                click.echo(
+                    f"kd: warning: {file}: {len(peaked)} row(s) put nearly all their mass on one class "
+                    f"(normalised entropy < {PEAKED_ENTROPY}): {quoted_names(peaked)}", err=True,
+                )
             if checksum:
                 line += f" sha256={file_sha256(file)}"
         except KDError as error:

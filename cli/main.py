@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Sequence
 
@@ -9,6 +10,8 @@ import click
 
 import kd
 from cli.cmatrix_commands import cmatrix_group
+from cli.plot_commands import plot_command
+from kd.augment import AugmentOptions
 from kd.datasets import DATASET_NAMES
 from kd.errors import KDError, one_line
 from kd.models import BUILTIN_MODELS
@@ -37,11 +40,18 @@ def _apply(options: list) -> callable:
     return decorate
 
 
+_AUGMENT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AugmentOptions)}
+
 # Flags every training command shares: data, model, optimisation, run directory, precision.
 run_options = _apply([
     click.option("--dataset", default="digits", show_default=True, help=DATASET_HELP),
     click.option("--data-dir", type=click.Path(file_okay=False), help="Dataset root (torchvision datasets, imagefolder)."),
     click.option("--download", is_flag=True, help="Let torchvision download the dataset into --data-dir if it is missing."),
+    click.option(
+        "--train-per-class", type=int, default=None, metavar="N",
+        help="Train on N images per class only: a stratified subset picked with --seed (the test split stays whole). "
+        "For small-data experiments and quick runs.",
+    ),
     click.option(
         "--skip-bad-images", is_flag=True,
         help="imagefolder: leave out images that cannot be read (counted in metrics.json) instead of stopping with an error naming the first.",
@@ -78,6 +88,23 @@ run_options = _apply([
         help="Also (or instead) save a checkpoint every STEPS optimizer steps, mid-epoch included.",
     ),
     click.option(
+        "--augment", metavar="LIST",
+        help="Training augmentations, comma-separated, applied in this order: crop (reflect-pad and random crop; "
+        "a random-resized crop for streamed data), flip (horizontal), cutout, randaugment, mixup, cutmix; none for "
+        "nothing. Default: crop,flip for cifar10/100, fashionmnist and imagefolder; crop for digits, mnist and svhn. "
+        "Do not flip digits, text or anything whose orientation carries meaning.",
+    ),
+    click.option("--crop-padding", type=int, default=None, help="crop: padding in pixels. Default: image size / 8."),
+    click.option("--cutout-size", type=int, default=None, help="cutout: side of the zeroed square. Default: image size / 2."),
+    click.option("--randaugment-n", type=int, default=None, help=f"randaugment: ops per image. Default: {_AUGMENT_DEFAULTS['randaugment_n']}."),
+    click.option("--randaugment-m", type=int, default=None, help=f"randaugment: magnitude, 0-30. Default: {_AUGMENT_DEFAULTS['randaugment_m']}."),
+    click.option("--mixup-alpha", type=float, default=None, help=f"mixup: Beta(a, a) parameter. Default: {_AUGMENT_DEFAULTS['mixup_alpha']}."),
+    click.option("--cutmix-alpha", type=float, default=None, help=f"cutmix: Beta(a, a) parameter. Default: {_AUGMENT_DEFAULTS['cutmix_alpha']}."),
+    click.option(
+        "--mix-switch-prob", type=float, default=None,
+        help=f"With both mixup and cutmix: the probability that a batch uses cutmix. Default: {_AUGMENT_DEFAULTS['mix_switch_prob']}.",
+    ),
+    click.option(
         "--resume", is_flag=True,
         help="Continue the run in an existing --out from its latest complete checkpoint (same flags as the original run).",
     ),
@@ -112,9 +139,11 @@ def method_options(stage: str, default_text: str) -> callable:
 
 
 def _split_method_params(stage: str, options: dict) -> dict:
+    """Click's flat options -> RunConfig's fields: method parameters and augmentation parameters apart."""
     from kd.methods import stage_params
 
     options["method_params"] = {name: options.pop(name) for name in stage_params(stage)}
+    options["augment_params"] = {name: options.pop(name) for name in _AUGMENT_DEFAULTS if name != "names"}
     return options
 
 
@@ -174,6 +203,7 @@ def compare_command(run_dirs: tuple[str, ...], markdown_path: str | None, csv_pa
 
 
 cli.add_command(cmatrix_group)
+cli.add_command(plot_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -190,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(error.exit_code)
     except KDError as error:
         click.echo(f"kd: error: {one_line(str(error))}", err=True)
-        sys.exit(1)
+        sys.exit(getattr(error, "exit_code", 1))  # 128 + the signal for a run stopped by SIGINT/SIGTERM
     sys.exit(code if isinstance(code, int) else 0)
 
 

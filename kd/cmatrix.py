@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from kd import __version__
 from kd.errors import KDError, short_list
-from kd.io import save_safetensors_atomic
+from kd.io import WriteError, save_safetensors_atomic
 from kd.lspp import cmatrix_from_logits, insert_diagonal, remove_diagonal
 
 FORMAT_NAME = "lspp-cmatrix"
@@ -321,6 +321,8 @@ def save_cmatrix(path: str | os.PathLike, cm: CMatrix) -> None:
         save_safetensors_atomic(path, tensors, cm.metadata())
     except OSError as exc:
         raise _fail(where, f"cannot write the C-matrix: {exc.strerror or exc}") from exc
+    except WriteError as exc:
+        raise _fail(where, f"cannot write the C-matrix: {exc.reason}") from None
 
 
 def _parse_version(text: str, where: str) -> tuple[int, int]:
@@ -481,3 +483,23 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     except OSError as exc:
         raise _fail(str(path), f"cannot read the file: {exc.strerror or exc}") from exc
     return digest.hexdigest()
+
+
+# A row whose normalised entropy is below this has (nearly) all its mass on one class.
+PEAKED_ENTROPY = 0.05
+
+
+def normalised_row_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Each row's entropy over the K-1 non-target classes divided by log(K-1): 1 = uniform, 0 = one class."""
+    k = probs.shape[0]
+    p = probs.double()
+    entropy = -(torch.where(p > 0, p * p.clamp(min=1e-300).log(), torch.zeros_like(p))).sum(dim=1)
+    return (entropy / math.log(k - 1)).float() if k > 2 else torch.zeros(k)
+
+
+def peaked_rows(cm: CMatrix) -> list[str]:
+    """Class names whose row puts (nearly) all its mass on one other class (legitimate, but worth a look)."""
+    if cm.num_classes <= 2:
+        return []
+    low = normalised_row_entropy(cm.probs) < PEAKED_ENTROPY
+    return [name for name, peaked in zip(cm.class_names, low.tolist()) if peaked]

@@ -29,7 +29,7 @@ import os
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -145,9 +145,7 @@ def load_dataset(
     is left out instead, and counted in `ImageDataset.skipped_images`. Mixed sizes or modes and
     skipped files are described in `ImageDataset.notes`, one line each, for the caller to print.
     """
-    key = normalise_dataset_name(name)
-    if key not in DATASET_NAMES:
-        raise KDError(f"unknown dataset {str(name)!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    key = dataset_key(name)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise KDError(f"image size must be a positive whole number of pixels, got {image_size!r}")
     if key == "imagefolder":
@@ -164,6 +162,14 @@ def load_dataset(
 def normalise_dataset_name(name: str) -> str:
     """A dataset name as `DATASET_NAMES` lists it: case, spaces, "-" and "_" ignored ("Fashion-MNIST")."""
     return "".join(str(name).strip().lower().replace("-", "").replace("_", "").split())
+
+
+def dataset_key(name: str) -> str:
+    """The `DATASET_NAMES` entry `name` means; a one-line KDError for an unknown dataset."""
+    key = normalise_dataset_name(name)
+    if key not in DATASET_NAMES:
+        raise KDError(f"unknown dataset {str(name)!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    return key
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -603,6 +609,13 @@ class StreamingImageFolder(ImageFolder):
         self._kd_indexed_transform: Callable[[Any, int], torch.Tensor] | None = None
         super().__init__(str(root), transform=transform, loader=loader)
 
+    def subset(self, indices: Sequence[int]) -> StreamingImageFolder:
+        """A copy over the samples at `indices` only (in that order)."""
+        twin = copy.copy(self)
+        twin.samples = twin.imgs = [self.samples[i] for i in indices]
+        twin.targets = [label for _, label in twin.samples]
+        return twin
+
     def with_transform(self, transform: Callable[[Any, int], torch.Tensor]) -> StreamingImageFolder:
         """A copy (sharing the sample list) whose samples are `transform(image, index)`."""
         twin = copy.copy(self)
@@ -629,6 +642,30 @@ class StreamingImageFolder(ImageFolder):
                     raise failure from None
                 print(f"kd: warning: {failure}; skipped (--skip-bad-images)", file=sys.stderr, flush=True)
         raise KDError(f"no readable image in {self.root}")
+
+
+def train_per_class(data: ImageDataset, per_class: int, seed: int) -> ImageDataset:
+    """`data` with a seeded, stratified subset of `per_class` training images of every class (the test split whole).
+
+    The same seed picks the same images; the picked indices keep the dataset's order.
+    """
+    if per_class < 1:
+        raise KDError(f"--train-per-class must be a positive integer, got {per_class}")
+    labels = data.train.labels if isinstance(data.train, InMemorySplit) else torch.tensor(data.train.targets)
+    generator = torch.Generator().manual_seed(seed)
+    picked = []
+    for label, name in enumerate(data.class_names):
+        members = torch.nonzero(labels == label).flatten()
+        if len(members) < per_class:
+            raise KDError(f"--train-per-class {per_class}: class {name!r} has only {len(members)} training images")
+        picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    index = torch.cat(picked).sort().values
+    if isinstance(data.train, InMemorySplit):
+        train = InMemorySplit(data.train.images[index], data.train.labels[index])
+    else:
+        train = data.train.subset(index.tolist())
+    note = f"note: training on {per_class} images per class ({len(index)} of {len(labels)}), picked with seed {seed}"
+    return replace(data, train=train, notes=(*data.notes, note))
 
 
 def _drop_failures(
@@ -765,9 +802,7 @@ def dataset_class_names(name: str, data_dir: str | os.PathLike | None = None) ->
     digits: "0".."9"; imagefolder: the sorted class folders of ``data_dir/train``; the
     torchvision datasets are opened with `load_dataset` (their names live in the data files).
     """
-    key = normalise_dataset_name(name)
-    if key not in DATASET_NAMES:
-        raise KDError(f"unknown dataset {str(name)!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    key = dataset_key(name)
     if key == "digits":
         return [str(d) for d in range(10)]
     if key != "imagefolder":

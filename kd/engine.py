@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -23,16 +26,41 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm.auto import tqdm
 
+from kd.augment import AugmentOptions
 from kd.datasets import ImageDataset
 from kd.errors import KDError
 from kd.loader import DeviceBatches
 from kd.metrics import classification_metrics
 from kd.methods.base import EpochContext, Method, StepContext
-from kd.rundir import checkpoint_name, commit_checkpoint, temporary_checkpoint_dir
+from kd.rundir import CHECKPOINTS_DIR, checkpoint_name, commit_checkpoint, latest_checkpoint, temporary_checkpoint_dir
 
 
-# Reading the loss forces a device sync, so the bar's loss and img/s refresh every few steps.
+# Reading the loss forces a device sync, so the bar's loss and img/s refresh every few steps;
+# the health check (a non-finite loss; a stop signal under several processes) runs as often.
 _PROGRESS_EVERY = 20
+
+
+class TrainingDiverged(KDError):
+    """The loss became NaN or infinite: the run stops instead of finishing with NaN weights."""
+
+    def __init__(self, step: int, loss: float, lr: float, mixed_precision: str, checkpoint: Path | None) -> None:
+        advice = f"lower --lr (now {lr:g})" + (" or train in float32 (--mixed-precision no)" if mixed_precision != "no" else "")
+        kept = f"; the last complete checkpoint ({checkpoint}) is kept" if checkpoint is not None else ""
+        super().__init__(f"training diverged by step {step} (loss {loss}): {advice}{kept}")
+        self.step, self.loss = step, loss
+
+
+class Interrupted(KDError):
+    """SIGINT or SIGTERM: the run saved a checkpoint at its current step and stopped."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        name = signal.Signals(signum).name
+        if checkpoint is None:
+            where = "no checkpoint was written (no run directory)"
+        else:
+            where = f"checkpoint saved to {checkpoint}; run the same command with --resume to continue"
+        super().__init__(f"stopped by {name} at step {step}: {where}")
+        self.exit_code = 128 + signum
 
 
 class TrainModule(nn.Module):
@@ -78,6 +106,7 @@ class FitConfig:
     checkpoint_every_epochs: int | None = None
     checkpoint_every_steps: int | None = None  # optimizer steps
     resume_from: str | None = None  # a checkpoint directory to continue from
+    augment: AugmentOptions | None = None  # None: the dataset's default augmentations
 
     @property
     def checkpointing(self) -> bool:
@@ -319,15 +348,70 @@ class _Loop:
             mininterval=0.2 if sys.stderr.isatty() else 30.0,  # logs get a line every 30 s, not every step
         )
         self._clock = 0.0
+        self.stop_signal = 0  # the signal number once SIGINT or SIGTERM asked the run to stop
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # no sync per step
+        self.last_loss = torch.zeros((), device=accelerator.device)
 
     def run(self) -> None:
         self.module.train()
         first = self.plan.first_epoch(self.step)
-        for epoch in range(first, self.plan.epochs):
-            self._train_epoch(epoch, resumed=epoch == first)
-            if self.step >= self.plan.total_steps:
-                break
+        with self._stop_signals():
+            for epoch in range(first, self.plan.epochs):
+                self._train_epoch(epoch, resumed=epoch == first)
+                if self.step >= self.plan.total_steps:
+                    break
         self.progress.close()
+
+    @contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM ask the loop to checkpoint and stop; a second one stops at once."""
+        self.stop_signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self.stop_signal:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _health(self) -> int:
+        """The stop signal (0 if none), agreed by every process (a device sync); a non-finite loss raises."""
+        flags = torch.stack([self.nonfinite.float(), torch.tensor(float(self.stop_signal), device=self.nonfinite.device)])
+        if self.accelerator.num_processes > 1:  # one small all-reduce: every process stops at the same step
+            flags = self.accelerator.reduce(flags, reduction="max")
+        nonfinite, stop_signal = flags.tolist()
+        if nonfinite:  # before anything is saved: a checkpoint with NaN weights would be worse than none
+            self._diverged(self.last_loss.item())
+        return int(stop_signal)
+
+    def _diverged(self, loss: float) -> None:
+        self.progress.close()
+        latest = latest_checkpoint(self.config.run_dir) if self.config.run_dir else None
+        raise TrainingDiverged(self.step, loss, self.config.lr, self.accelerator.mixed_precision, latest)
+
+    def check_weights(self) -> None:
+        """Non-finite weights or buffers (an update, or BatchNorm statistics, that overflowed) stop the
+        run like a non-finite loss: before a checkpoint is saved, and before the final artifacts."""
+        with torch.no_grad():
+            tensors = [*self.module.parameters(), *(b for b in self.module.buffers() if b.is_floating_point())]
+            finite = torch.stack([t.isfinite().all() for t in tensors]).all()
+        if not finite.item():
+            self._diverged(float("nan"))
+
+    def _stop(self, signum: int) -> None:
+        self.progress.close()
+        checkpoint = None
+        if self.config.run_dir is not None:
+            checkpoint = Path(self.config.run_dir) / CHECKPOINTS_DIR / checkpoint_name(self.step)
+        raise Interrupted(signum, self.step, checkpoint)
 
     # Training time excludes checkpoint writing: the clock pauses around it.
     def _start_clock(self) -> None:
@@ -352,6 +436,8 @@ class _Loop:
         self._start_clock()
         for images, targets, _ in self.batches:
             parts = self._micro_step(images, targets, epoch)
+            self.last_loss = parts["loss"].detach()
+            self.nonfinite |= ~torch.isfinite(self.last_loss)
             for name, value in parts.items():
                 sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
             count += 1
@@ -363,9 +449,17 @@ class _Loop:
                 self._show_progress(sums["loss"].item() / count)
             every = self.config.checkpoint_every_steps
             end_of_epoch = epoch * self.plan.steps_per_epoch + self.plan.steps_in(epoch)
-            if self.config.checkpointing and every and self.step % every == 0 and self.step < end_of_epoch:
+            if self.step >= end_of_epoch:  # `_end_epoch` checks and checkpoints
+                continue
+            due = self.config.checkpointing and bool(every) and self.step % every == 0
+            single_stop = self.accelerator.num_processes == 1 and self.stop_signal
+            if due or single_stop or self.step % _PROGRESS_EVERY == 0:
                 self._stop_clock()
-                self._checkpoint(count, sums)
+                stop_signal = self._health()
+                if due or (stop_signal and self.config.run_dir is not None):
+                    self._checkpoint(count, sums)
+                if stop_signal:
+                    self._stop(stop_signal)
                 self._start_clock()
         self._stop_clock()
         self._end_epoch(epoch, sums, count)
@@ -392,19 +486,23 @@ class _Loop:
         for name, mean in zip(names, means.tolist()):
             self.history.setdefault(name, []).append(mean)
         self.progress.set_postfix(loss=f"{self.history['loss'][-1]:.4f}")
+        stop_signal = self._health()
         self.method.on_epoch_end(EpochContext(
             epoch=epoch, step=self.step, total_steps=self.plan.total_steps,
             all_reduce_sum=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
         ))
         every_epochs, every_steps = self.config.checkpoint_every_epochs, self.config.checkpoint_every_steps
-        if self.config.checkpointing and (
+        if stop_signal and self.config.run_dir is not None or self.config.checkpointing and (
             self.step >= self.plan.total_steps
             or (every_epochs and (epoch + 1) % every_epochs == 0)
             or (every_steps and self.step % every_steps == 0)
         ):
             self._checkpoint(0, {})
+        if stop_signal and self.step < self.plan.total_steps:
+            self._stop(stop_signal)
 
     def _checkpoint(self, epoch_batches: int, sums: dict[str, torch.Tensor]) -> None:
+        self.check_weights()
         self.state.capture(self.step, self.history, self.train_seconds, epoch_batches, sums)
         _save_checkpoint(self.accelerator, self.config.run_dir, self.step)
 
@@ -437,7 +535,7 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
     """
     batches = DeviceBatches(
         data, "train", config.batch_size, accelerator.device,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=config.seed,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=config.seed, augment=config.augment,
     )
     steps_per_epoch = optimizer_steps_per_epoch(
         batches.num_samples, config.batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps,
@@ -453,7 +551,7 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
     module, optimizer = accelerator.prepare(module, optimizer)
     inner = accelerator.unwrap_model(module)
     state = TrainState(batches, inner.criterion, accelerator.process_index, accelerator.num_processes)
-    if config.checkpointing or config.resume_from:
+    if config.run_dir is not None or config.resume_from:  # any run with a directory may checkpoint (a stop signal)
         accelerator.register_for_checkpointing(scheduler, state)
     if config.resume_from:
         # Model (network + method parameters and buffers), optimizer, scheduler, python/numpy/torch RNG, and `state`.
@@ -461,6 +559,7 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
 
     loop = _Loop(module, optimizer, scheduler, batches, state, plan, config, accelerator, desc)
     loop.run()
+    loop.check_weights()
     sync_buffers(inner, accelerator)
     metrics = evaluate(inner.net, data, config.batch_size, accelerator) if config.evaluate else {}
     return loop.result(metrics)

@@ -7,6 +7,7 @@ Files get the permissions a plain `open(path, "w")` would give them (0666 less t
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -15,6 +16,8 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
+
+from kd.errors import KDError
 
 
 def current_umask() -> int:
@@ -31,6 +34,14 @@ def current_umask() -> int:
     return mask
 
 
+class WriteError(KDError):
+    """A file that cannot be created (missing or read-only folder); `reason` is the system's words."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.reason = reason
+
+
 @contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success it is fsynced and renamed onto `final`.
@@ -39,7 +50,10 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     error the temporary file is removed and `final` is left as it was.
     """
     final = Path(final)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as error:
+        raise WriteError(final, error.strerror or str(error)) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -58,8 +72,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def strict_json(data: Any) -> Any:
+    """`data` with every non-finite float (NaN, +-Infinity, which strict JSON has no words for) as None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(value) for value in data]
+    return data
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Strict JSON (no NaN or Infinity: they are written as null), atomically."""
+    write_text_atomic(path, json.dumps(strict_json(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def save_safetensors_atomic(

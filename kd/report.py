@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from kd.rundir import METRICS_FILE, read_run_config, read_run_json
+from kd.rundir import METRICS_FILE, STATUS_FILE, read_run_config, read_run_json
 
 # (column title, metrics key or None for the run name, format)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -25,17 +25,34 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("img/s", "images_per_second", "{:.0f}"),
     ("peak MB", "peak_memory_mb", "{:.0f}"),
     ("teacher fwd", "teacher_forward_share", "{:.0%}"),
+    ("status", "status", "{}"),
 )
 
 
+def run_status(run_dir: str | os.PathLike) -> str:
+    """"finished", "diverged at step S" (see status.json) or "unfinished" (killed, interrupted or running)."""
+    if (Path(run_dir) / METRICS_FILE).is_file():
+        return "finished"
+    if (Path(run_dir) / STATUS_FILE).is_file():
+        status = read_run_json(run_dir, STATUS_FILE, "")
+        return f"{status.get('status', 'failed')} at step {status.get('step', '?')}"
+    return "unfinished"
+
+
 def compare_rows(run_dirs: Sequence[str | os.PathLike]) -> list[dict]:
-    """One dict per run with every report column (config.json fills what metrics.json lacks)."""
+    """One dict per run with every report column (config.json fills what metrics.json lacks).
+
+    A run without metrics.json (diverged, killed, interrupted, still running) gets a row with
+    its status and no results, rather than stopping the report.
+    """
     rows = []
     for run_dir in run_dirs:
         config = read_run_config(run_dir)
-        metrics = read_run_json(run_dir, METRICS_FILE, "the run did not finish")
-        row = {**config, **metrics, "run": Path(run_dir).name}
-        row.setdefault("seconds_per_epoch", row.get("train_seconds", 0.0) / max(row.get("epochs", 1), 1))
+        status = run_status(run_dir)
+        metrics = read_run_json(run_dir, METRICS_FILE, "") if status == "finished" else {"train_seconds": None}
+        row = {**config, **metrics, "run": Path(run_dir).name, "status": status}
+        if row.get("train_seconds") is not None:
+            row.setdefault("seconds_per_epoch", row["train_seconds"] / max(row.get("epochs", 1), 1))
         rows.append(row)
     return rows
 

@@ -12,16 +12,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from accelerate.utils import set_seed
+import torch
+from accelerate.utils import broadcast_object_list, set_seed
+from torch import nn
 
 import kd
-from kd.datasets import ImageDataset, load_dataset
-from kd.engine import FitConfig, TrainModule, fit, make_accelerator, optimizer_steps_per_epoch
-from kd.errors import KDError
+from kd.augment import AugmentOptions, check_augment, default_augment, makes_soft_labels, parse_augment
+from kd.datasets import ImageDataset, dataset_key, load_dataset, train_per_class
+from kd.engine import FitConfig, TrainingDiverged, TrainModule, fit, make_accelerator, optimizer_steps_per_epoch
+from kd.errors import KDError, one_line
+from kd.fingerprint import data_fingerprint
+from kd.loader import DeviceBatches
 from kd.io import write_json_atomic
-from kd.methods import ExportInfo, Method, all_param_names
+from kd.methods import ExportInfo, Method, all_param_names, soft_target_methods
 from kd.models import build_model
-from kd.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, latest_checkpoint, prepare_run_dir, read_run_config, save_model
+from kd.rundir import (
+    CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATUS_FILE, abandon_run_dir, check_out, finish_run_dir, latest_checkpoint,
+    prepare_run_dir, read_run_config, save_model, work_dir,
+)
 
 
 @dataclass
@@ -33,6 +41,7 @@ class RunConfig:
     data_dir: str | None = None
     download: bool = False
     skip_bad_images: bool = False
+    train_per_class: int | None = None  # a seeded, stratified subset of the training split (small-data runs)
     model: str = "small_cnn"
     epochs: int = 30
     batch_size: int = 64
@@ -47,6 +56,9 @@ class RunConfig:
     checkpoint_every: int | None = None  # epochs
     checkpoint_every_steps: int | None = None  # optimizer steps
     resume: bool = False
+    augment: str | None = None  # "crop,flip,..."; None: the dataset's default
+    # Augmentation parameters as given (None: `AugmentOptions`' default).
+    augment_params: dict[str, Any] = field(default_factory=dict)
     method: str | None = None  # None: the stage's default
     # Method parameters as given (None or False: not given); resolved against the method's
     # declaration, and recorded resolved in config.json.
@@ -58,9 +70,9 @@ class RunConfig:
 # method parameter.
 RESUME_KEYS = (
     "stage", "model", "dataset", "dataset_name", "num_classes", "class_names", "in_channels", "image_size",
-    "method", "mode", "proxy", "teacher",
+    "method", "mode", "proxy", "teacher", "augment", "augment_options", "train_per_class",
     "seed", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "mixed_precision", "world_size",
-    *all_param_names(),
+    "data_fingerprint", *all_param_names(),
 )
 
 
@@ -75,6 +87,8 @@ def check_run_config(config: RunConfig) -> None:
         raise KDError(f"--lr must be positive, got {config.lr}")
     if config.weight_decay < 0:
         raise KDError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    if config.train_per_class is not None and config.train_per_class < 1:
+        raise KDError(f"--train-per-class must be a positive integer, got {config.train_per_class}")
     if config.grad_accum < 1:
         raise KDError(f"--grad-accum must be a positive integer, got {config.grad_accum}")
     for flag, value in (("--checkpoint-every", config.checkpoint_every), ("--checkpoint-every-steps", config.checkpoint_every_steps)):
@@ -84,14 +98,22 @@ def check_run_config(config: RunConfig) -> None:
         raise KDError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
 
 
+# Keys that are not flags themselves: a mismatch names the flag that decides them.
+_DECIDED_BY = {
+    "dataset_name": "--data-dir", "data_fingerprint": "--data-dir", "num_classes": "--data-dir",
+    "class_names": "--data-dir", "in_channels": "--data-dir", "world_size": "processes (world size)",
+}
+
+
 def check_resume_config(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     """A one-line `KDError` naming the first flag whose value differs from the run being resumed."""
     new = json.loads(json.dumps(new))  # compare as config.json holds it (tuples become lists)
     for key in RESUME_KEYS:
         if key in old and key in new and old[key] != new[key]:
-            flag = "processes (world size)" if key == "world_size" else f"--{key.replace('_', '-')}"
+            flag = _DECIDED_BY.get(key, f"--{key.replace('_', '-')}")
+            what = "gives other data" if flag == "--data-dir" and key != "dataset_name" else f"is {_short(new[key])}"
             raise KDError(
-                f"--resume: {flag} is {_short(new[key])} but the run in {out} used {_short(old[key])}; "
+                f"--resume: {flag} {what} but the run in {out} used {_short(old[key])}; "
                 "pass the original flags, or start a new run with another --out"
             )
 
@@ -101,10 +123,45 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def augment_options(config: RunConfig, method_cls: type[Method]) -> AugmentOptions:
+    """The run's augmentations (the flags, or the dataset's default), checked before any data is read.
+
+    Values that depend on the image size are checked again once the data is known.
+    """
+    names = parse_augment(config.augment) if config.augment is not None else default_augment(dataset_key(config.dataset))
+    options = AugmentOptions(names, **{key: value for key, value in config.augment_params.items() if value is not None})
+    check_augment(options, config.image_size or 1 << 20)
+    if makes_soft_labels(options) and not method_cls.soft_targets:
+        raise KDError(
+            f"--method {method_cls.name} takes class labels only, and --augment {','.join(names)} makes label "
+            f"distributions (mixup, cutmix): drop those, or use a method that takes them ({', '.join(soft_target_methods())})"
+        )
+    return options
+
+
+def dry_forward(net: nn.Module, data: ImageDataset, model: str) -> None:
+    """Run the network on two training images: a model that cannot take the data fails here, in one line."""
+    images, _, _ = next(iter(DeviceBatches(data, "train", min(2, len(data.train)), torch.device("cpu"), training=False, num_workers=0)))
+    net.eval()
+    try:
+        with torch.no_grad():
+            shape = tuple(net(images).shape)
+    except Exception as error:  # noqa: BLE001 - any failure here means the model does not fit the data
+        raise KDError(
+            f"model {model} cannot run on {data.channels}x{data.image_size}x{data.image_size} images "
+            f"({one_line(error, 160)}); pass --image-size N with a size it takes"
+        ) from None
+    finally:
+        net.train()
+    if shape != (len(images), data.num_classes):
+        raise KDError(f"model {model} gives outputs of shape {shape} for {len(images)} images, not ({len(images)}, {data.num_classes})")
+
+
 def run_stage(
     stage: str,
     config: RunConfig,
     extra_config: dict[str, Any],
+    method_cls: type[Method],
     make_method: Callable[[ImageDataset], Method],
 ) -> Path:
     """Train `config.model` on `config.dataset` with the stage's method; write the run directory.
@@ -118,27 +175,36 @@ def run_stage(
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate would accept it and silently train in float32.
         raise KDError("--mixed-precision fp16 needs a GPU; use bf16 on the CPU")
-    out = prepare_run_dir(config.out, config.overwrite, config.resume) if accelerator.is_main_process else Path(config.out)
-    accelerator.wait_for_everyone()
-    resume_from = latest_checkpoint(out) if config.resume else None
+    # Every check runs before --out is touched: flags, out, data, model, method (teacher,
+    # C-matrix), a forward pass; a failure leaves an existing run as it was.
+    out = check_out(config.out, config.overwrite, config.resume)
+    augment = augment_options(config, method_cls)
     set_seed(config.seed)
-
     data = load_dataset(config.dataset, config.data_dir, download=config.download, image_size=config.image_size,
                         skip_bad_images=config.skip_bad_images)
+    if config.train_per_class is not None:
+        data = train_per_class(data, config.train_per_class, config.seed)
     for note in data.notes:
         accelerator.print(note)
     # The student is built before the method so a teacher's construction does not shift the
     # random stream: the same seed gives the same initial student with every method.
     net = build_model(config.model, data.num_classes, data.channels, data.image_size)
     method = make_method(data)
+    check_augment(augment, data.image_size)
+    dry_forward(net, data, config.model)
     card = {"stage": stage, **method.card()}
     optimizer_steps_per_epoch(len(data.train), config.batch_size, accelerator.num_processes, config.grad_accum)
-    flags = {key: value for key, value in asdict(config).items() if key != "method_params"}
+    flags = {key: value for key, value in asdict(config).items() if key not in ("method_params", "augment_params")}
+    if config.data_dir is not None:
+        flags["data_dir"] = str(Path(config.data_dir).expanduser().resolve())
     run_config = {
         **flags,
         **extra_config,
         **card,
+        "augment": list(augment.names),
+        "augment_options": augment.resolved(data.image_size, streaming=not data.in_memory),
         "dataset_name": data.name,
+        "data_fingerprint": data_fingerprint(data, config.dataset, config.data_dir),
         "num_classes": data.num_classes,
         "class_names": list(data.class_names),
         "in_channels": data.channels,
@@ -149,26 +215,40 @@ def run_stage(
         "effective_batch_size": config.batch_size * config.grad_accum * accelerator.num_processes,
         "toolkit_version": kd.__version__,
     }
-    if resume_from is not None:
+    if config.resume:
         # The original config.json stays; it must describe the same run.
-        check_resume_config(out, read_run_config(out), run_config)
+        check_resume_config(out, read_run_config(work_dir(out, resume=True)), run_config)
+
+    work = [prepare_run_dir(out, config.overwrite, config.resume) if accelerator.is_main_process else None]
+    work = Path(broadcast_object_list(work)[0])
+    resume_from = latest_checkpoint(work) if config.resume else None
+    if resume_from is not None:
         accelerator.print(f"{data.describe()} | {stage} {config.model} | resuming from {resume_from}")
     elif accelerator.is_main_process:
-        write_json_atomic(out / CONFIG_FILE, run_config)
-        accelerator.print(f"{data.describe()} | {stage} {config.model} | {card.get('method', '')} -> {out}")
+        write_json_atomic(work / CONFIG_FILE, run_config)
+        staged = f" (staged in {work} until it finishes)" if work != out else ""
+        accelerator.print(f"{data.describe()} | {stage} {config.model} | {card.get('method', '')} -> {out}{staged}")
 
     fit_config = FitConfig(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
         weight_decay=config.weight_decay, seed=config.seed, max_steps=config.max_steps,
-        run_dir=str(out), checkpoint_every_epochs=config.checkpoint_every,
+        run_dir=str(work), checkpoint_every_epochs=config.checkpoint_every,
         checkpoint_every_steps=config.checkpoint_every_steps,
         resume_from=str(resume_from) if resume_from is not None else None,
+        augment=augment,
     )
-    result = fit(TrainModule(net, method), data, fit_config, accelerator, desc=stage)
+    try:
+        result = fit(TrainModule(net, method), data, fit_config, accelerator, desc=stage)
+    except TrainingDiverged as error:
+        if accelerator.is_main_process:
+            if work == out:
+                write_json_atomic(out / STATUS_FILE, {"status": "diverged", "step": error.step, "loss": str(error.loss)})
+            abandon_run_dir(work, out)
+        raise
 
     if accelerator.is_main_process:
-        save_model(out / MODEL_FILE, net)
-        method.export(out, ExportInfo(
+        save_model(work / MODEL_FILE, net)
+        method.export(work, ExportInfo(
             class_names=tuple(data.class_names), dataset=data.name, model=config.model,
             test_top1=result.metrics.get("test_top1"),
         ))
@@ -196,7 +276,8 @@ def run_stage(
             "mixed_precision": config.mixed_precision,
             "device": str(accelerator.device),
         }
-        write_json_atomic(out / METRICS_FILE, metrics)
+        write_json_atomic(work / METRICS_FILE, metrics)
+        finish_run_dir(work, out)
         accelerator.print(
             f"test top-1 {result.metrics['test_top1']:.4f}  NLL {result.metrics['test_nll']:.4f}  "
             f"ECE {result.metrics['test_ece']:.4f}  in {result.train_seconds:.1f}s "

@@ -28,8 +28,12 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.safetensors"
 CMATRIX_FILE = "cmatrix.safetensors"
-ARTIFACTS = (CONFIG_FILE, METRICS_FILE, MODEL_FILE, CMATRIX_FILE)
+STATUS_FILE = "status.json"  # written only when a run fails (e.g. diverged), for `kd compare`
 CHECKPOINTS_DIR = "checkpoints"
+# What a run owns in its directory: replaced by `--overwrite`, nothing else is touched.
+ARTIFACTS = (CONFIG_FILE, MODEL_FILE, CMATRIX_FILE, STATUS_FILE, CHECKPOINTS_DIR, METRICS_FILE)  # metrics.json last: "finished"
+# An `--overwrite` run is built here, inside --out, and swapped in only once it has finished.
+STAGING_DIR = ".kd-staging"
 KEEP_CHECKPOINTS = 2
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
@@ -105,13 +109,11 @@ def commit_checkpoint(tmp: Path, step: int, keep: int = KEEP_CHECKPOINTS) -> Pat
     return final
 
 
-def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool = False) -> Path:
-    """Create `out` (or reuse it with `overwrite`), checking it is writable before any training.
+def check_out(out: str | os.PathLike, overwrite: bool, resume: bool = False) -> Path:
+    """Every check on `--out` that needs no write: run before anything is read or created.
 
-    An existing non-empty directory is refused unless `overwrite`; with it, this toolkit's own
-    artifacts from the earlier run are removed so none of them is mistaken for this run's.
-    With `resume`, `out` must hold a run with at least one complete checkpoint; nothing is
-    removed.
+    An existing non-empty directory is refused unless `overwrite`; with `resume`, `out` must
+    hold a run (or an unfinished `--overwrite` run) with at least one complete checkpoint.
     """
     out = Path(out)
     if resume and overwrite:
@@ -119,27 +121,80 @@ def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool = Fals
     if out.exists() and not out.is_dir():
         raise KDError(f"--out {out} exists and is not a directory")
     if resume:
-        if not (out / CONFIG_FILE).is_file():
+        work = work_dir(out, resume=True)
+        if not (work / CONFIG_FILE).is_file():
             raise KDError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE}); drop --resume to start a new run")
-        if latest_checkpoint(out) is None:
+        if latest_checkpoint(work) is None:
             raise KDError(
-                f"--resume: no complete checkpoint in {out / CHECKPOINTS_DIR}; "
+                f"--resume: no complete checkpoint in {work / CHECKPOINTS_DIR}; "
                 "start again with --overwrite (and --checkpoint-every N to make checkpoints)"
             )
-    elif out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise KDError(f"--out {out} already exists and is not empty; pass --overwrite to replace its run, or choose another --out")
-        for name in ARTIFACTS:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise KDError(f"--out {out} already exists and is not empty; pass --overwrite to replace its run, or choose another --out")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise KDError(f"cannot write to --out {out}: {parent} is not a writable directory")
+    return out
+
+
+def work_dir(out: Path, resume: bool = False) -> Path:
+    """Where a run writes: `out` itself, or its staging directory when it replaces a run there.
+
+    A resumed run continues an unfinished `--overwrite` run if one is staged.
+    """
+    staging = out / STAGING_DIR
+    if resume:
+        return staging if (staging / CONFIG_FILE).is_file() else out
+    return staging if out.is_dir() and any(p.name != STAGING_DIR for p in out.iterdir()) else out
+
+
+def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool = False) -> Path:
+    """Create the directory the run writes into (after `check_out`); returns it.
+
+    A new run in an empty or absent `out` writes there directly. A run that replaces
+    (`--overwrite`) one in `out` is built in `out/.kd-staging` and swapped in by
+    `finish_run_dir` only once it has finished, so a failed or killed run leaves the old one
+    intact. Nothing is deleted here but an earlier unfinished staging directory.
+    """
+    out = Path(out)
+    work = work_dir(out, resume)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        if work != out and not resume:
+            shutil.rmtree(work, ignore_errors=True)  # a killed earlier --overwrite run being replaced too
+        work.mkdir(parents=True, exist_ok=True)
+        probe = work / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
         raise KDError(f"cannot write to --out {out}: {error.strerror or error}") from None
-    return out
+    return work
+
+
+def finish_run_dir(work: Path, out: Path) -> None:
+    """Swap a finished staged run into `out`: its artifacts replace the old run's, other files stay."""
+    if work == out:
+        return
+    try:
+        for name in ARTIFACTS:
+            new, old = work / name, out / name
+            if old.is_dir() and not old.is_symlink():
+                trash = out / f"{_TMP_PREFIX}old-{name}"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            if new.exists():
+                os.replace(new, old)
+            else:
+                old.unlink(missing_ok=True)  # the old run's, and this run made none: it must not pass for this run's
+        shutil.rmtree(work, ignore_errors=True)
+    except OSError as error:
+        raise KDError(f"cannot replace the run in {out}: {error.strerror or error}; the new run is in {work}") from None
+
+
+def abandon_run_dir(work: Path, out: Path) -> None:
+    """A staged run that failed: remove it; the run it was to replace stays as it was."""
+    if work != out:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def save_model(path: str | os.PathLike, net: nn.Module) -> None:

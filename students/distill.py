@@ -90,4 +90,4 @@ def distill(config: StudentConfig) -> Path:
             setup.teacher, setup.teacher_model = _teacher(config.teacher, data)
         return cls(setup)
 
-    return run_stage("student", config, {"mode": MODE[need]}, make_method)
+    return run_stage("student", config, {"mode": MODE[need]}, cls, make_method)

@@ -23,4 +23,4 @@ def train_teacher(config: RunConfig) -> Path:
     def make_method(data: ImageDataset) -> Method:
         return cls(Setup(data.num_classes, tuple(data.class_names), params))
 
-    return run_stage("teacher", config, {}, make_method)
+    return run_stage("teacher", config, {}, cls, make_method)

@@ -53,5 +53,16 @@ def extract_cifar10_subset(dest: Path, train_per_class: int, test_per_class: int
 
 
 @pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> Path:
+    """A finished LS++ teacher run on digits (20 steps; it has a cmatrix.safetensors). Shared: copy it before changing it."""
+    from tests.test_cli import kd_in_process
+
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    result = kd_in_process("train-teacher", "--out", str(out), "--epochs", "1", "--max-steps", "20", "--batch-size", "32")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def cifar10_subset(tmp_path_factory) -> Path:
     return extract_cifar10_subset(tmp_path_factory.mktemp("cifar10"), train_per_class=20, test_per_class=10)

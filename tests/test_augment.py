@@ -377,3 +377,43 @@ def test_streaming_without_crop_trains_on_the_evaluation_view(streaming):
     normalize = Normalize(streaming.mean, streaming.std, CPU)
     expected = torch.stack([streaming.train[i][0] for i in indices])
     assert torch.equal(images, normalize(expected)) and labels.tolist() == [streaming.train[i][1] for i in indices]
+
+
+# ----------------------------------------------------------------------------- through the command line
+
+
+def test_augment_flags_are_recorded_resolved_and_soft_labels_train_every_method_that_takes_them(tmp_path, digits_teacher):
+    from tests.test_cli import FAST, kd_in_process, read_run
+
+    soft = ["--augment", "crop,cutout,mixup,cutmix", "--mixup-alpha", "0.4"]
+    teacher = tmp_path / "lspp"
+    result = kd_in_process("train-teacher", "--out", str(teacher), *soft, *FAST)
+    assert result.returncode == 0, result.stderr
+    config, metrics = read_run(teacher)
+    assert config["augment"] == ["crop", "cutout", "mixup", "cutmix"]
+    assert config["augment_options"]["mixup_alpha"] == 0.4 and config["augment_options"]["crop_padding"] == 1  # 8 px / 8
+    assert set(metrics["epoch_loss_parts"]) == {"loss", "network", "cmatrix"}
+    for args in (["--proxy", str(teacher / "cmatrix.safetensors")], ["--teacher", str(digits_teacher)], ["--method", "ls"]):
+        out = tmp_path / args[0].strip("-")
+        result = kd_in_process("distill", *args, "--model", "tiny_cnn", "--out", str(out), *soft, *FAST)
+        assert result.returncode == 0, (args, result.stderr)
+        assert read_run(out)[0]["augment"] == ["crop", "cutout", "mixup", "cutmix"]
+    default = tmp_path / "default"
+    assert kd_in_process("distill", "--model", "tiny_cnn", "--out", str(default), *FAST).returncode == 0
+    assert read_run(default)[0]["augment"] == ["crop"]  # digits: no flip
+
+
+def test_bad_augment_flags_are_one_line_before_any_data_is_read(tmp_path):
+    from tests.test_cli import FAST, assert_one_line_error, kd_in_process
+
+    out = str(tmp_path / "run")
+    missing = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere")]  # would fail if data were read
+    for args, fragment in (
+        (["--augment", "crop,blur"], "'blur'"),
+        (["--augment", "mixup,crop"], "--augment"),
+        (["--augment", "mixup", "--mixup-alpha", "0"], "--mixup-alpha"),
+        (["--augment", "mixup", "--method", "focal"], "--method focal"),
+        (["--augment", "cutmix", "--method", "ols"], "label distributions"),
+    ):
+        assert_one_line_error(kd_in_process("train-teacher", *missing, "--out", out, *args, *FAST), fragment)
+    assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ from PIL import Image
 import kd.datasets as kdd
 from kd.datasets import DATASET_NAMES, ImageDataset, InMemorySplit, load_dataset
 from kd.errors import KDError
-from tests.conftest import extract_cifar10_subset
+from tests.conftest import extract_cifar10_subset, make_image_folder
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -548,3 +548,23 @@ def test_svhn_uses_labels_and_digit_names(tmp_path, monkeypatch):
     assert data.train.images.shape == (5, 3, 32, 32) and data.test.images.shape == (3, 3, 32, 32)
     assert int(data.train.images[0, 2, 1, 2]) == 77 and data.train.labels.dtype == torch.int64
     assert data.class_names == [str(d) for d in range(10)] and data.default_augment == ("crop",)
+
+
+def test_train_per_class_is_a_seeded_stratified_subset(tmp_path):
+    from kd.datasets import train_per_class
+
+    data = load_dataset("digits")
+    small = train_per_class(data, 5, seed=0)
+    assert torch.bincount(small.train.labels, minlength=10).tolist() == [5] * 10
+    assert len(small.test) == len(data.test) and "5 images per class" in small.notes[-1]
+    # Each picked image is one of the originals with its own label.
+    originals = {bytes(image.numpy()): int(label) for image, label in zip(data.train.images, data.train.labels)}
+    assert all(originals[bytes(image.numpy())] == int(label) for image, label in zip(small.train.images, small.train.labels))
+    assert torch.equal(train_per_class(data, 5, seed=0).train.images, small.train.images)
+    assert not torch.equal(train_per_class(data, 5, seed=1).train.images, small.train.images)
+    with pytest.raises(KDError, match="--train-per-class 1000: class '0' has only"):
+        train_per_class(data, 1000, seed=0)
+    streamed = load_dataset("imagefolder", make_image_folder(tmp_path / "big", per_class=6, size=72))
+    assert not streamed.in_memory
+    picked = train_per_class(streamed, 2, seed=0).train
+    assert sorted(picked.targets) == [0, 0, 1, 1, 2, 2] and len(picked) == 6 and picked[0][0].shape[-1] == streamed.image_size

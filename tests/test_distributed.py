@@ -157,7 +157,7 @@ def test_two_process_cli_run_writes_one_run_directory_with_gathered_metrics(tmp_
 def _one_run(data, batch_size: int, grad_accum: int, steps: int) -> dict[str, torch.Tensor]:
     accelerator = make_accelerator(grad_accum=grad_accum)
     torch.manual_seed(0)
-    net = build_model("lenet", data.num_classes, data.channels, data.image_size)  # no BatchNorm, no dropout
+    net = build_model("lenet_padded", data.num_classes, data.channels, data.image_size)  # no BatchNorm, no dropout
     module = TrainModule(net, build_method("lspp", data.num_classes, alpha=0.2))
     config = FitConfig(epochs=1, batch_size=batch_size, lr=0.2, weight_decay=5e-4, seed=0, max_steps=steps, evaluate=False)
     result = fit(module, data, config, accelerator)
@@ -168,7 +168,7 @@ def _one_run(data, batch_size: int, grad_accum: int, steps: int) -> dict[str, to
 
 def test_grad_accumulation_matches_a_larger_batch(fresh_accelerate_state):
     # No augmentation randomness: with it, two half batches would draw different crops.
-    data = replace(load_dataset("digits"), crop_padding=0, hflip=False)
+    data = replace(load_dataset("digits"), default_augment=())
     accumulated = _one_run(data, batch_size=32, grad_accum=2, steps=3)
     large = _one_run(data, batch_size=64, grad_accum=1, steps=3)
     initial = _one_run(data, batch_size=64, grad_accum=1, steps=1)

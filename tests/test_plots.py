@@ -153,13 +153,10 @@ def test_curves_of_a_single_epoch_and_of_nothing(tmp_path):
 # ----------------------------------------------------------------------------- the commands
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A 3-step LS++ teacher on digits (it has a cmatrix.safetensors)."""
-    out = tmp_path_factory.mktemp("plots") / "teacher"
-    result = kd_in_process("train-teacher", "--out", str(out), *FAST)
-    assert result.returncode == 0, result.stderr
-    return out
+@pytest.fixture
+def tiny_run(digits_teacher) -> Path:
+    """A finished LS++ teacher on digits (it has a cmatrix.safetensors)."""
+    return digits_teacher
 
 
 @pytest.fixture

@@ -199,7 +199,7 @@ def test_resume_problems_are_one_line_errors(tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ["step-00000003"]
     assert_one_line_error(kd_in_process("train-teacher", "--out", str(out), "--resume", "--overwrite", *fast), "--resume", "--overwrite")
     assert_one_line_error(kd_in_process("train-teacher", "--out", str(out), "--resume", "--seed", "7", *fast), "--seed", "7", "0")
-    assert_one_line_error(kd_in_process("train-teacher", "--out", str(out), "--resume", "--model", "lenet", *fast), "--model", "lenet")
+    assert_one_line_error(kd_in_process("train-teacher", "--out", str(out), "--resume", "--model", "tiny_cnn", *fast), "--model", "tiny_cnn")
     # A finished run resumes from its final checkpoint: nothing left to train, same artifacts.
     before = tensors(out / "model.safetensors")
     result = kd("train-teacher", "--out", str(out), "--resume", *fast)

@@ -68,14 +68,6 @@ def test_hinton_loss_matches_independent_numpy(temperature, kd_weight, ce_weight
     assert got == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    result = kd("train-teacher", "--out", str(out), "--epochs", "1", "--max-steps", "20", "--batch-size", "32")
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 def test_chain_proxy_kd_plain_and_compare(tmp_path, digits_teacher):
     # The proxy student needs the C-matrix file alone: move it away from its teacher's run.
     shared = tmp_path / "shared.safetensors"

@@ -29,7 +29,7 @@ REGISTRY: dict[str, str] = {
 
 __all__ = [
     "REGISTRY", "STAGES", "EpochContext", "ExportInfo", "Method", "Param", "Setup", "StepContext",
-    "format_default", "get_method", "method_names", "stage_params", "all_param_names", "resolve_params", "build_method", "methods_markdown",
+    "format_default", "get_method", "method_names", "soft_target_methods", "stage_params", "all_param_names", "resolve_params", "build_method", "methods_markdown",
 ]
 
 
@@ -53,6 +53,11 @@ def method_names(stage: str, needs: Any = _ANY) -> list[str]:
         name for name in REGISTRY
         if stage in get_method(name).stages and (needs is _ANY or get_method(name).needs == needs)
     ]
+
+
+def soft_target_methods() -> list[str]:
+    """Names of the methods that take label distributions (Mixup/CutMix) as targets."""
+    return [name for name in REGISTRY if get_method(name).soft_targets]
 
 
 def stage_params(stage: str) -> dict[str, list[tuple[str, Param]]]:
@@ -116,12 +121,12 @@ def format_default(value: Any) -> str:
 
 def methods_markdown() -> str:
     """The README's method table, made from the registry."""
-    lines = ["| method | stage | what | parameters (defaults) |", "|---|---|---|---|"]
+    lines = ["| method | stage | what | parameters (defaults) | Mixup/CutMix |", "|---|---|---|---|---|"]
     for name in REGISTRY:
         cls = get_method(name)
         stages = " and ".join(cls.stages)
         if cls.needs is not None:
             stages += f" (needs {'--teacher RUN_DIR' if cls.needs == 'teacher' else '--proxy FILE'})"
         params = ", ".join(f"`{p.flag}` {format_default(p.default)}" for p in cls.params) or "none"
-        lines.append(f"| `{name}` | {stages} | {cls.summary} | {params} |")
+        lines.append(f"| `{name}` | {stages} | {cls.summary} | {params} | {'yes' if cls.soft_targets else 'no'} |")
     return "\n".join(lines) + "\n"
