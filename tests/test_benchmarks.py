@@ -40,3 +40,31 @@ def test_student_accuracy_benchmark_runs_three_modes_over_seeds(tmp_path):
     report = json.loads((tmp_path / "student_accuracy_digits.json").read_text())
     assert [row["variant"] for row in report["results"]] == ["proxy (PT-LS++)", "kd (Hinton)", "plain 1-hot"]
     assert all(len(row["runs"]) == 2 for row in report["results"])
+
+
+def test_augment_cost_benchmark_reports_every_augmentation(tmp_path, cifar10_subset):
+    run_script("benchmarks/augment_cost.py", "--data-dir", str(cifar10_subset), "--model", "tiny_cnn", "--batch-size", "16",
+               "--steps", "2", "--batches", "2", "--repeats", "1", "--results-dir", str(tmp_path))
+    report = json.loads((tmp_path / "augment_cost.json").read_text())
+    assert set(report["op_ms"]) == {"crop", "flip", "cutout", "randaugment", "mixup", "cutmix", "crop,flip,cutout,mixup,cutmix"}
+    assert all(value["min"] > 0 for value in report["op_ms"].values()) and len(report["step_ratio"]) == 2
+
+
+def test_paper_experiments_runner_fills_every_table_and_skips_finished_runs(tmp_path, cifar10_subset):
+    args = ["--data-dir", str(cifar10_subset), "--smoke", "4", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path), "--images-dir", str(tmp_path / "images")]
+    run_script("benchmarks/paper_cifar10.py", "table3", "--methods", "onehot", "ols", "lspp", *args)
+    first = json.loads((tmp_path / "paper_table3_small.json").read_text())
+    assert [len(first["rows"][m]) for m in ("onehot", "ols", "lspp", "ls")] == [1, 1, 1, 0]
+    run_script("benchmarks/paper_cifar10.py", "all", "--methods", "onehot", *args)
+    again = json.loads((tmp_path / "paper_table3_small.json").read_text())
+    assert again["rows"]["lspp"] == first["rows"]["lspp"]  # skipped, not re-trained
+    for name in ("fig3", "table5", "table6", "table7"):
+        assert (tmp_path / f"paper_{name}.md").exists(), name
+    assert len(json.loads((tmp_path / "paper_table6.json").read_text())["rows"]["proxy: OLS matrix"]) == 1
+    assert (tmp_path / "images" / "fig3_cifar10_lspp_cmatrix.png").exists()
+
+
+def test_flip_digits_benchmark_runs(tmp_path):
+    run_script("benchmarks/flip_digits.py", "--seeds", "0", "--epochs", "1", "--results-dir", str(tmp_path))
+    assert len(json.loads((tmp_path / "flip_digits.json").read_text())["results"]) == 2

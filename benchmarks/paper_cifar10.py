@@ -1,0 +1,263 @@
+"""The paper's CIFAR-10 experiments with its AlexNet (and LeNet students), one command each.
+
+    python benchmarks/paper_cifar10.py table3 --regime small   # Table 3: label regularisers
+    python benchmarks/paper_cifar10.py table3 --regime full
+    python benchmarks/paper_cifar10.py fig3                     # Figure 3: the learned C-matrix (needs table3 small, lspp, seed 0)
+    python benchmarks/paper_cifar10.py table5                   # Table 5 / Figure 6: the C-loss ablation, small data
+    python benchmarks/paper_cifar10.py table6                   # Table 6: students of AlexNet teachers, small data
+    python benchmarks/paper_cifar10.py table7                   # Table 7: with cutout / mixup / cutmix / randaugment, small data
+    python benchmarks/paper_cifar10.py all                      # everything above, in that order
+    options: [--seeds 0 1 2] [--methods ...] [--runs-dir runs/paper] [--data-dir .data/cifar10-jpeg]
+
+Regimes (about the same compute; the paper ran 300 epochs on all the data):
+  small: 500 training images per class (`--train-per-class 500`, picked with the run's seed;
+         the whole test set), 60 epochs: 1-hot training overfits and turns over-confident;
+  full:  all 50,000 training images, 10 epochs: the network has not yet overfit.
+
+Every run is a real `kd` command (printed before it starts) writing into --runs-dir (ignored
+by git). A run whose metrics.json exists is skipped, and an interrupted one resumes from its
+last checkpoint, so a table can be completed over several sittings; the results files are
+rewritten after every run with what exists so far, each cell with its seed count. Metrics are
+the last epoch's, on the whole CIFAR-10 test set. Writes benchmarks/results/paper_<name>.json
+and .md, and the figures under docs/images/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _seeds import KD, RESULTS  # noqa: E402
+from student_modes import ROOT, ensure_cifar10  # noqa: E402
+
+IMAGES = ROOT / "docs" / "images"
+REGIMES = {"small": ["--train-per-class", "500", "--epochs", "60"], "full": ["--epochs", "10"]}
+COMMON = ["--dataset", "imagefolder", "--batch-size", "128", "--lr", "0.05", "--checkpoint-every", "5"]
+TABLE3_METHODS = ["onehot", "ls", "tfkd", "ols", "lspp", "zipf", "focal", "mbls"]
+AUGMENTS = {"cutout": "crop,flip,cutout", "mixup": "crop,flip,mixup", "cutmix": "crop,flip,cutmix", "randaugment": "crop,flip,randaugment"}
+ALL_SEEDS = (0, 1, 2)  # tables show every finished run of these; --seeds says which may be trained now
+ARGS: argparse.Namespace  # the command line, set by main()
+COLUMNS = (("top-1", "test_top1", 4), ("NLL", "test_nll", 3), ("ECE", "test_ece", 3), ("mean conf", "test_mean_confidence", 3),
+           ("train s", "train_seconds", 0))
+
+
+def kd_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """`kd ARGV` through the console script's own entry point, in this process (smoke runs: no start-up per run)."""
+    import contextlib
+    import io
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from cli.main import main as kd_main
+
+    code, stderr = 0, io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+            kd_main(argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return subprocess.CompletedProcess(argv, code, "", stderr.getvalue())
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.data = ["--data-dir", str(ensure_cifar10(args.data_dir))]
+
+    def run(self, command: str, out: Path, flags: list[str], seed: int, train: bool = True) -> dict | None:
+        """metrics.json of the run in `out`, training it first unless it finished before (or its seed
+        was not asked for: then tables still show it if an earlier sitting made it); None if it failed."""
+        if (out / "metrics.json").exists():
+            return json.loads((out / "metrics.json").read_text())
+        if seed not in self.args.seeds or not train:
+            return None
+        resume = ["--resume"] if any((out / "checkpoints").glob("step-*")) else (["--overwrite"] if out.exists() else [])
+        argv = [KD, command, *COMMON, *self.data, *flags, "--out", str(out), *resume]
+        print("$ " + " ".join(argv[1:]), flush=True)
+        result = kd_in_process(argv[1:]) if self.args.smoke else subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            print(f"  failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}", flush=True)
+            return None
+        return json.loads((out / "metrics.json").read_text())
+
+    def teacher(self, regime: str, method: str, seed: int, extra: tuple[str, ...] = (), tag: str = "",
+                train: bool = True) -> tuple[Path, dict | None]:
+        out = self.args.runs_dir / f"{regime}" / f"{method}{tag}-s{seed}"
+        flags = ["--model", "alexnet", "--method", method, "--seed", str(seed), *REGIMES[regime], *extra]
+        return out, self.run("train-teacher", out, flags, seed, train)
+
+
+def cell(values: list[float], digits: int) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} +- {std:.{digits}f} (n={len(values)})"
+
+
+def table(rows: dict[str, list[dict]], first: str) -> list[str]:
+    lines = [f"| {first} | " + " | ".join(title for title, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, runs in rows.items():
+        lines.append(f"| {name} | " + " | ".join(cell([r[key] for r in runs], d) for _, key, d in COLUMNS) + " |")
+    return lines
+
+
+def write(name: str, title: str, lines: list[str], data: dict) -> None:
+    results = ARGS.results_dir
+    results.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "benchmarks/paper_cifar10.py", *sys.argv[1:]])
+    (results / f"paper_{name}.json").write_text(json.dumps({"command": command, **data}, indent=2) + "\n")
+    (results / f"paper_{name}.md").write_text("\n".join([f"# {title}", "", f"Command: `{command}`", "", *lines]) + "\n")
+    print(f"wrote {results / f'paper_{name}.md'}", flush=True)
+
+
+def summary(metrics: dict) -> dict:
+    return {key: metrics[key] for _, key, _ in COLUMNS}
+
+
+def table3(runner: Runner, regime: str) -> None:
+    rows: dict[str, list[dict]] = {}
+    for seed in ALL_SEEDS:  # seed-major: a first seed of every method comes before any second seed
+        for method in TABLE3_METHODS:
+            asked = not runner.args.methods or method in runner.args.methods
+            _, metrics = runner.teacher(regime, method, seed, train=asked)
+            rows.setdefault(method, [])
+            if metrics is not None:
+                rows[method].append(summary(metrics))
+            spec = " ".join(REGIMES[regime])
+            write(f"table3_{regime}", f"Table 3 on CIFAR-10, paper's AlexNet, {regime} data ({spec})",
+                  table(rows, "method"), {"regime": regime, "rows": rows})
+
+
+def fig3(runner: Runner) -> None:
+    import torch
+
+    from kd.cmatrix import load_cmatrix
+    from kd.plots import plot_cmatrix
+
+    out, metrics = runner.teacher("small", "lspp", 0)
+    if metrics is None:
+        return
+    cm = load_cmatrix(out / "cmatrix.safetensors")
+    plot_cmatrix(cm, ARGS.images_dir / "fig3_cifar10_lspp_cmatrix.png", title="LS++ C-matrix, CIFAR-10, AlexNet, small data, seed 0")
+    top = {name: cm.class_names[int(torch.argmax(row))] for name, row in zip(cm.class_names, cm.probs)}
+    mutual = sorted({tuple(sorted((a, b))) for a, b in top.items() if top[b] == a})
+    lines = ["![C-matrix](../../docs/images/fig3_cifar10_lspp_cmatrix.png)", "", "| class | top neighbour | C |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {float(cm.probs[cm.class_names.index(a), cm.class_names.index(b)]):.3f} |" for a, b in top.items()]
+    lines += ["", "Mutual top neighbours: " + (", ".join(f"{a} <-> {b}" for a, b in mutual) or "none")]
+    write("fig3", "Figure 3: the LS++ C-matrix learned on CIFAR-10 (AlexNet, small data, seed 0)", lines,
+          {"top_neighbour": top, "mutual": mutual, "run": str(out)})
+
+
+def table5(runner: Runner) -> None:
+    from kd.cmatrix import load_cmatrix, normalised_row_entropy
+    from kd.plots import plot_cmatrix
+
+    rows, entropy = {}, {}
+    for seed in ALL_SEEDS:
+        for variant in ("detached", "ce", "sce"):
+            extra, tag = (("--c-loss", variant), f"-{variant}") if variant != "detached" else ((), "")
+            out, metrics = runner.teacher("small", "lspp", seed, extra, tag)
+            rows.setdefault(variant, [])
+            entropy.setdefault(variant, [])
+            if metrics is None:
+                continue
+            rows[variant].append(summary(metrics))
+            cm = load_cmatrix(out / "cmatrix.safetensors")
+            entropy[variant].append(float(normalised_row_entropy(cm.probs).mean()))
+            if seed == 0:
+                plot_cmatrix(cm, ARGS.images_dir / f"fig6_cifar10_c_loss_{variant}.png", title=f"--c-loss {variant}")
+            lines = table(rows, "--c-loss")
+            lines += ["", "| --c-loss | mean normalised row entropy of C (1 = uniform, 0 = one class) |", "|---|---|"]
+            lines += [f"| {v} | {cell(e, 3)} |" for v, e in entropy.items()]
+            lines += ["", " ".join(f"![{v}](../../docs/images/fig6_cifar10_c_loss_{v}.png)" for v in rows)]
+            write("table5", "Table 5 / Figure 6: how C is trained (LS++, CIFAR-10, AlexNet, small data)", lines,
+                  {"rows": rows, "entropy": entropy})
+
+
+def table6(runner: Runner) -> None:
+    rows: dict[str, list[dict]] = {}
+    for seed in ALL_SEEDS:
+        teachers = {m: runner.teacher("small", m, seed)[0] for m in ("onehot", "ls", "lspp", "ols")}
+        posthoc = runner.args.runs_dir / "small" / f"posthoc-onehot-s{seed}.safetensors"
+        if not posthoc.exists() and (teachers["onehot"] / "metrics.json").exists():
+            # Over the teacher's own training images (the run's --train-per-class subset).
+            argv = ["cmatrix", "from-teacher", str(teachers["onehot"]), "--out", str(posthoc)]
+            if (kd_in_process(argv) if runner.args.smoke else subprocess.run([KD, *argv])).returncode != 0:
+                print("  failed: kd " + " ".join(argv), flush=True)
+        students = {  # slug: (row name, what it is given)
+            "kd-onehot": ("KD from 1-hot AlexNet", ["--teacher", teachers["onehot"]]),
+            "kd-ls": ("KD from LS AlexNet", ["--teacher", teachers["ls"]]),
+            "kd-lspp": ("KD from LS++ AlexNet", ["--teacher", teachers["lspp"]]),
+            "proxy-lspp": ("proxy: LS++ C-matrix", ["--proxy", teachers["lspp"] / "cmatrix.safetensors"]),
+            "proxy-ols": ("proxy: OLS matrix", ["--proxy", teachers["ols"] / "cmatrix.safetensors"]),
+            "proxy-posthoc": ("proxy: post-hoc C of the 1-hot AlexNet", ["--proxy", posthoc]),
+            "plain": ("plain 1-hot", []),
+        }
+        for slug, (name, given) in students.items():
+            rows.setdefault(name, [])
+            if given and not Path(given[1]).exists():
+                continue  # its teacher failed
+            out = runner.args.runs_dir / "small-students" / f"{slug}-s{seed}"
+            metrics = runner.run("distill", out, ["--model", "lenet", "--seed", str(seed), *REGIMES["small"], *map(str, given)], seed)
+            if metrics is not None:
+                rows[name].append(summary(metrics))
+            write("table6", "Table 6: the paper's LeNet taught by AlexNet teachers (CIFAR-10, small data)",
+                  table(rows, "student (LeNet, 62k params)"), {"rows": rows})
+
+
+def table7(runner: Runner) -> None:
+    rows: dict[str, list[dict]] = {}
+    for seed in ALL_SEEDS:
+        for augment, spec in AUGMENTS.items():
+            for method in ("onehot", "lspp"):
+                _, metrics = runner.teacher("small", method, seed, ("--augment", spec), f"-{augment}")
+                rows.setdefault(f"{method} + {augment}", [])
+                if metrics is not None:
+                    rows[f"{method} + {augment}"].append(summary(metrics))
+                write("table7", "Table 7: LS++ with data augmentation (CIFAR-10, AlexNet, small data; crop,flip plus the named one)",
+                      table(rows, "method + augmentation"), {"rows": rows})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=["table3", "fig3", "table5", "table6", "table7", "all"])
+    parser.add_argument("--regime", choices=list(REGIMES), default="small")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(ALL_SEEDS), help="the seeds to train now (of 0 1 2)")
+    parser.add_argument("--methods", nargs="+", help=f"table3: the methods to train now (default: {' '.join(TABLE3_METHODS)})")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "paper")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / ".data" / "cifar10-jpeg")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--images-dir", type=Path, default=IMAGES)
+    parser.add_argument("--smoke", type=int, metavar="N",
+                        help="a smoke test: N images per class and 1 epoch in every regime, 2 steps per run")
+    args = parser.parse_args()
+    if args.smoke:
+        for flags in REGIMES.values():
+            flags[:] = ["--train-per-class", str(args.smoke), "--epochs", "1", "--max-steps", "2"]
+    global ARGS
+    ARGS = args
+    args.images_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(args)
+    if args.experiment in ("table3", "all"):
+        table3(runner, args.regime)
+    if args.experiment in ("fig3", "all"):
+        fig3(runner)
+    if args.experiment in ("table5", "all"):
+        table5(runner)
+    if args.experiment in ("table6", "all"):
+        table6(runner)
+    if args.experiment in ("table7", "all"):
+        table7(runner)
+
+
+if __name__ == "__main__":
+    main()
