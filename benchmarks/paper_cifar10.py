@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _seeds import KD, RESULTS  # noqa: E402
 from student_modes import ROOT, ensure_cifar10  # noqa: E402
 
+from cli.main import run_in_process  # noqa: E402
+
 IMAGES = ROOT / "docs" / "images"
 REGIMES = {"small": ["--train-per-class", "500", "--epochs", "60"], "full": ["--epochs", "10"]}
 COMMON = ["--dataset", "imagefolder", "--batch-size", "128", "--lr", "0.05", "--checkpoint-every", "5"]
@@ -44,27 +46,6 @@ ALL_SEEDS = (0, 1, 2)  # tables show every finished run of these; --seeds says w
 ARGS: argparse.Namespace  # the command line, set by main()
 COLUMNS = (("top-1", "test_top1", 4), ("NLL", "test_nll", 3), ("ECE", "test_ece", 3), ("mean conf", "test_mean_confidence", 3),
            ("train s", "train_seconds", 0))
-
-
-def kd_in_process(argv: list[str]) -> subprocess.CompletedProcess:
-    """`kd ARGV` through the console script's own entry point, in this process (smoke runs: no start-up per run)."""
-    import contextlib
-    import io
-
-    from accelerate.state import AcceleratorState, GradientState
-
-    from cli.main import main as kd_main
-
-    code, stderr = 0, io.StringIO()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
-            kd_main(argv)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return subprocess.CompletedProcess(argv, code, "", stderr.getvalue())
 
 
 class Runner:
@@ -82,7 +63,7 @@ class Runner:
         resume = ["--resume"] if any((out / "checkpoints").glob("step-*")) else (["--overwrite"] if out.exists() else [])
         argv = [KD, command, *COMMON, *self.data, *flags, "--out", str(out), *resume]
         print("$ " + " ".join(argv[1:]), flush=True)
-        result = kd_in_process(argv[1:]) if self.args.smoke else subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        result = run_in_process(argv[1:]) if self.args.smoke else subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
             print(f"  failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}", flush=True)
             return None
@@ -191,7 +172,7 @@ def table6(runner: Runner) -> None:
         if not posthoc.exists() and (teachers["onehot"] / "metrics.json").exists():
             # Over the teacher's own training images (the run's --train-per-class subset).
             argv = ["cmatrix", "from-teacher", str(teachers["onehot"]), "--out", str(posthoc)]
-            if (kd_in_process(argv) if runner.args.smoke else subprocess.run([KD, *argv])).returncode != 0:
+            if (run_in_process(argv) if runner.args.smoke else subprocess.run([KD, *argv])).returncode != 0:
                 print("  failed: kd " + " ".join(argv), flush=True)
         students = {  # slug: (row name, what it is given)
             "kd-onehot": ("KD from 1-hot AlexNet", ["--teacher", teachers["onehot"]]),

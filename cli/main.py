@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import sys
 from typing import Sequence
 
@@ -222,6 +223,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo(f"kd: error: {one_line(str(error))}", err=True)
         sys.exit(getattr(error, "exit_code", 1))  # 128 + the signal for a run stopped by SIGINT/SIGTERM
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def run_in_process(argv: Sequence[str]) -> subprocess.CompletedProcess:
+    """`kd ARGV` through `main`, in this process, with its output captured and its exit status returned.
+
+    For tests and scripts that run many short commands: no interpreter start-up per command.
+    Accelerate's process-wide state is reset afterwards, so the next command starts clean. An
+    unexpected exception propagates, just as a traceback would end the real command.
+    """
+    import contextlib
+    import io
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return subprocess.CompletedProcess(["kd", *argv], code, stdout.getvalue(), stderr.getvalue())
 
 
 if __name__ == "__main__":

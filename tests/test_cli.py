@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from cli.main import main
+from cli.main import run_in_process
 from kd.cmatrix import load_cmatrix
 from tests.conftest import make_image_folder
 
@@ -30,23 +28,11 @@ def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def kd_in_process(*args: str) -> subprocess.CompletedProcess:
     """`kd ARGS` through the console script's own entry point (`cli.main:main`), in this process.
 
-    For error paths: they need no fresh interpreter, and a subprocess would pay 3-5 s of
-    start-up (torch, timm, accelerate) per case. An unexpected exception propagates and fails
-    the test, just as a traceback would.
+    For error paths and short runs: a subprocess would pay 3-5 s of start-up (torch, timm,
+    accelerate) per case. An unexpected exception propagates and fails the test, just as a
+    traceback would.
     """
-    from accelerate.state import AcceleratorState, GradientState
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with redirect_stdout(stdout), redirect_stderr(stderr):
-            main(list(args))
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return subprocess.CompletedProcess(["kd", *args], code, stdout.getvalue(), stderr.getvalue())
+    return run_in_process(args)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
