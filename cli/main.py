@@ -90,9 +90,9 @@ run_options = _apply([
     ),
     click.option(
         "--augment", metavar="LIST",
-        help="Training augmentations, comma-separated, applied in this order: crop (reflect-pad and random crop; "
-        "a random-resized crop for streamed data), flip (horizontal), cutout, randaugment, mixup, cutmix; none for "
-        "nothing. Default: crop,flip for cifar10/100, fashionmnist and imagefolder; crop for digits, mnist and svhn. "
+        help="Training augmentations, comma-separated: crop (reflect-pad and random crop; a random-resized crop "
+        "for streamed data), flip (horizontal), randaugment, then (on normalised images) cutout, mixup, cutmix, each "
+        "group in the order given; none for nothing. Default: crop,flip for cifar10/100, fashionmnist and imagefolder; crop for digits, mnist and svhn. "
         "Do not flip digits, text or anything whose orientation carries meaning.",
     ),
     click.option("--crop-padding", type=int, default=None, help="crop: padding in pixels. Default: image size / 8."),

@@ -84,6 +84,11 @@ class AugmentOptions:
     cutmix_alpha: float = 1.0
     mix_switch_prob: float = 0.5
 
+    def applied_order(self) -> tuple[str, ...]:
+        """The order the pipeline applies them in: the uint8 ones (crop, flip, randaugment) as listed,
+        then the ones on normalised images (cutout, mixup, cutmix) as listed."""
+        return tuple(n for n in self.names if n in UINT8_AUGMENTATIONS) + tuple(n for n in self.names if n in FLOAT_AUGMENTATIONS)
+
     def padding(self, image_size: int) -> int:
         """The crop padding for `image_size`: the option, or round(size / 8), at least 1."""
         return self.crop_padding if self.crop_padding is not None else max(1, round(image_size / 8))
@@ -104,6 +109,7 @@ class AugmentOptions:
         )
         return {
             "names": list(self.names),
+            "applied_order": list(self.applied_order()),
             **crop,
             "cutout_size": self.cutout_side(image_size),
             "randaugment_n": self.randaugment_n,
@@ -118,7 +124,7 @@ class AugmentOptions:
 
 
 def _choices() -> str:
-    return f"choose from {', '.join(AUGMENTATIONS)} (comma-separated, applied in that order), or none"
+    return f"choose from {', '.join(AUGMENTATIONS)} (comma-separated), or none"
 
 
 def _check_names(names: Sequence[str]) -> None:
@@ -179,14 +185,6 @@ def check_augment(options: AugmentOptions, image_size: int) -> None:
             raise KDError(f"{flag} must be a number > 0 (the Beta(alpha, alpha) parameter), got {alpha!r}")
     if not _real(options.mix_switch_prob) or not 0 <= options.mix_switch_prob <= 1:
         raise KDError(f"--mix-switch-prob must be a probability in [0, 1], got {options.mix_switch_prob!r}")
-    float_names = [name for name in options.names if name in FLOAT_AUGMENTATIONS]
-    if float_names:
-        late = [name for name in options.names[options.names.index(float_names[0]) :] if name in UINT8_AUGMENTATIONS]
-        if late:
-            raise KDError(
-                f"--augment lists {late[0]} after {float_names[0]}: geometric/uint8 ops ({', '.join(UINT8_AUGMENTATIONS)}) "
-                f"come first, then {', '.join(FLOAT_AUGMENTATIONS)} (on normalised images); got {','.join(options.names)}"
-            )
 
 
 def makes_soft_labels(options: AugmentOptions) -> bool:

@@ -131,12 +131,15 @@ def test_killed_run_resumes_to_the_same_weights_and_cmatrix(tmp_path, stage, met
     assert len(names) == 2 and all(name.startswith("step-") for name in names)
 
 
-@pytest.mark.parametrize("method", ["lspp", "ols"])
-def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path, method):
+@pytest.mark.parametrize("method,augment", [
+    ("lspp", "crop"), ("ols", "crop"), ("lspp", "crop,flip,cutout,randaugment,mixup,cutmix"),
+], ids=["lspp", "ols", "lspp-every-augmentation"])
+def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path, method, augment):
     """Deterministic counterpart of the kill test: resume from a checkpoint 16 steps into epoch 2
-    (for OLS: with half an epoch of statistics accumulated)."""
+    (for OLS: with half an epoch of statistics accumulated; with every augmentation: each drawing
+    from the saved generator)."""
     reference = tmp_path / "reference"
-    args = ["train-teacher", "--method", method, "--epochs", "2", *RUN]
+    args = ["train-teacher", "--method", method, "--augment", augment, "--epochs", "2", *RUN]
     assert run_kd(*args, "--out", str(reference)).returncode == 0
     assert [p.name for p in list_checkpoints(reference)] == ["step-00000060", "step-00000088"]
 
