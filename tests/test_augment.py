@@ -416,3 +416,16 @@ def test_bad_augment_flags_are_one_line_before_any_data_is_read(tmp_path):
     ):
         assert_one_line_error(kd_in_process("train-teacher", *missing, "--out", out, *args, *FAST), fragment)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_streamed_folder_trains_with_augmentations_through_the_cli(tmp_path):
+    from tests.test_cli import kd_in_process, read_run
+
+    data = make_image_folder(tmp_path / "data", size=72)  # larger than 64 px: streamed through DataLoader workers
+    out = tmp_path / "run"
+    result = kd_in_process("train-teacher", "--dataset", "imagefolder", "--data-dir", str(data), "--model", "tiny_cnn",
+                           "--augment", "crop,flip,cutout,mixup", "--epochs", "1", "--max-steps", "2", "--batch-size", "4",
+                           "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    config, _ = read_run(out)
+    assert config["augment_options"]["crop"] == "random_resized" and config["augment"] == ["crop", "flip", "cutout", "mixup"]
