@@ -257,3 +257,16 @@ def test_model_that_cannot_take_the_image_size_fails_before_out_is_made(tmp_path
     out = tmp_path / "run"
     assert_short_error(kd_in_process("train-teacher", "--model", "vit_tiny_patch16_224", "--out", str(out), *FAST), "--image-size")
     assert not out.exists()
+
+
+def test_cmatrix_from_teacher_works_from_another_working_directory(tmp_path):
+    make_image_folder(tmp_path / "project" / "data")
+    run = subprocess.run([KD, "train-teacher", "--dataset", "imagefolder", "--data-dir", "data", "--out", "teacher", *FAST],
+                         cwd=tmp_path / "project", capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([KD, "cmatrix", "from-teacher", str(tmp_path / "project" / "teacher"), "--out", "c.safetensors"],
+                            cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (elsewhere / "c.safetensors").exists()
