@@ -94,6 +94,27 @@ def log_targets(labels: torch.Tensor, log_c: torch.Tensor, alpha: float) -> torc
     return torch.logaddexp(log_s + math.log1p(-alpha), log_mixed + math.log(alpha))
 
 
+def log_targets_from_logits(labels: torch.Tensor, c_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`log_targets` straight from the K x (K-1) C logits, differentiable with respect to them.
+
+    For hard labels only the batch's rows of C are built: a log-softmax over each sample's row
+    of logits, with -inf inserted at its label, O(N K) instead of the O(K^2) of the whole matrix
+    (at K = 1000 that is most of the cost of the loss). The values are the same, row for row.
+    """
+    if labels.dim() != 1:
+        return log_targets(labels, log_cmatrix_from_logits(c_logits), alpha)
+    labels = labels.long()
+    n, k = labels.shape[0], c_logits.shape[0]
+    log_s = F.one_hot(labels, k).float().log()
+    if alpha == 0.0:
+        return log_s
+    rows = F.log_softmax(c_logits[labels].float(), dim=1)  # N x (K-1): log C[y] without its diagonal entry
+    others = torch.arange(k - 1, device=labels.device)
+    columns = others + (others >= labels[:, None]).long()  # where row y's K-1 entries go: every column but y
+    log_mixed = rows.new_full((n, k), -math.inf).scatter(1, columns, rows)
+    return torch.logaddexp(log_s + math.log1p(-alpha), log_mixed + math.log(alpha))
+
+
 def mix_targets(labels: torch.Tensor, cmatrix: torch.Tensor, alpha: float) -> torch.Tensor:
     """t = (1-a) * onehot(y) + a * C[y] for hard labels (N,), (1-a) * s + a * (s @ C) for soft (N, K).
 
@@ -137,7 +158,7 @@ def lspp_terms(net_logits: torch.Tensor, labels: torch.Tensor, c_logits: torch.T
         raise ValueError(f"c_loss must be one of {', '.join(C_LOSSES)}, got {c_loss!r}")
     with torch.autocast(device_type=net_logits.device.type, enabled=False):
         log_p = F.log_softmax(net_logits.float(), dim=1)
-        log_t = log_targets(labels, log_cmatrix_from_logits(c_logits), alpha)
+        log_t = log_targets_from_logits(labels, c_logits, alpha)
         if c_loss == "detached":
             return {
                 "network": -_xlogy_sum(log_t.detach().exp(), log_p).mean(),
@@ -174,7 +195,7 @@ class LSPPLoss(nn.Module):
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """The soft targets t for hard labels (N,) or soft label distributions (N, K)."""
-        return log_targets(labels, log_cmatrix_from_logits(self.logits), self.alpha).exp()
+        return log_targets_from_logits(labels, self.logits, self.alpha).exp()
 
     def forward(self, net_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         terms = lspp_terms(net_logits, labels, self.logits, self.alpha)

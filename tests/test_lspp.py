@@ -9,7 +9,7 @@ from torch import nn
 
 from kd.engine import TrainModule, build_optimizer
 from kd.methods import build_method
-from kd.lspp import LSPPLoss, cmatrix_from_logits, insert_diagonal, remove_diagonal
+from kd.lspp import LSPPLoss, cmatrix_from_logits, insert_diagonal, log_cmatrix_from_logits, remove_diagonal
 
 
 def reference_cmatrix(logits: np.ndarray) -> np.ndarray:
@@ -198,3 +198,32 @@ def test_c_logits_are_parameters_of_the_prepared_module_without_weight_decay():
     assert len(group_of_c) == 1 and group_of_c[0]["weight_decay"] == 0.0
     decayed = [g for g in optimizer.param_groups if g["weight_decay"] > 0]
     assert any(p is module.net.weight for g in decayed for p in g["params"])
+
+
+@pytest.mark.parametrize("k,c_loss", [(6, "detached"), (50, "detached"), (50, "ce"), (50, "sce")])
+def test_batch_rows_path_equals_the_whole_matrix_path(k, c_loss):
+    """The O(N K) targets for hard labels give the losses and gradients of the O(K^2) matrix."""
+    from kd.lspp import log_targets, lspp_terms
+
+    generator = torch.Generator().manual_seed(k)
+    c_logits = (torch.randn(k, k - 1, generator=generator) * 2).requires_grad_()
+    net_logits = (torch.randn(16, k, generator=generator) * 3).requires_grad_()
+    labels = torch.randint(0, k, (16,), generator=generator)
+    labels[:4] = labels[4]  # repeated labels: their rows' gradients add up
+    terms = lspp_terms(net_logits, labels, c_logits, 0.2, c_loss)
+    sum(terms.values()).backward()
+    fast = (net_logits.grad.clone(), c_logits.grad.clone())
+
+    net_logits.grad, c_logits.grad = None, None
+    log_t = log_targets(labels, log_cmatrix_from_logits(c_logits), 0.2)  # the whole-matrix path
+    log_p = torch.log_softmax(net_logits, dim=1)
+    t, p = log_t.exp(), log_p.exp()
+    if c_loss == "detached":
+        reference = {"network": -(t.detach() * log_p).sum(1).mean(), "cmatrix": -(p.detach() * log_t).sum(1).mean()}
+    else:
+        reference = {"ce": -(t * log_p).sum(1).mean()} | ({"rce": -(p * log_t).sum(1).mean()} if c_loss == "sce" else {})
+    sum(reference.values()).backward()
+    for name, value in reference.items():
+        torch.testing.assert_close(terms[name], value, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast[0], net_logits.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fast[1], c_logits.grad, rtol=1e-5, atol=1e-7)
