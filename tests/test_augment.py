@@ -106,7 +106,7 @@ def test_resolved_fills_the_defaults_and_is_json():
     resolved = options.resolved(32)
     assert json.loads(json.dumps(resolved)) == resolved
     assert resolved == {
-        "names": ["crop", "cutout", "mixup"], "crop_padding": 4, "cutout_size": 16, "randaugment_n": 2,
+        "names": ["crop", "cutout", "mixup"], "applied_order": ["crop", "cutout", "mixup"], "crop_padding": 4, "cutout_size": 16, "randaugment_n": 2,
         "randaugment_m": 9, "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_switch_prob": 0.5,
     }
     assert [AugmentOptions(()).resolved(size)["crop_padding"] for size in (4, 8, 28, 96)] == [1, 1, 4, 12]

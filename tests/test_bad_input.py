@@ -171,7 +171,7 @@ def stop_with(signum: int, args: list[str], out: Path) -> subprocess.CompletedPr
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, signum):
-    args = ["train-teacher", "--epochs", "8", "--batch-size", "32"]
+    args = ["train-teacher", "--epochs", "5", "--batch-size", "32"]
     out = tmp_path / "stopped"
     result = stop_with(signum, args, out)
     assert result.returncode == 128 + signum, result.stderr[-2000:]
