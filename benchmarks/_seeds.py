@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KD = str(Path(sys.executable).with_name("kd"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for `cli` when run as a script
 METRICS = ("test_top1", "test_nll", "test_ece", "test_mean_confidence", "train_seconds")
 
 
 def run_kd(args: list[str], out: Path) -> dict:
-    """One real `kd` run (the code path users get); its metrics.json."""
-    subprocess.run([KD, *args, "--out", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """One real `kd` run, through the console script's own entry point in this process (no
+    interpreter start-up per run); its metrics.json. A failed run stops the benchmark with its error line."""
+    from cli.main import run_in_process
+
+    result = run_in_process([*args, "--out", str(out)])
+    if result.returncode != 0:
+        raise SystemExit(f"kd {' '.join(args)}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
     return json.loads((out / "metrics.json").read_text())
 
 
