@@ -58,7 +58,7 @@ class Runner:
         was not asked for: then tables still show it if an earlier sitting made it); None if it failed."""
         if (out / "metrics.json").exists():
             return json.loads((out / "metrics.json").read_text())
-        if seed not in self.args.seeds or not train:
+        if seed not in self.args.seeds or not train or self.args.report_only:
             return None
         resume = ["--resume"] if any((out / "checkpoints").glob("step-*")) else (["--overwrite"] if out.exists() else [])
         argv = [KD, command, *COMMON, *self.data, *flags, "--out", str(out), *resume]
@@ -169,7 +169,7 @@ def table6(runner: Runner) -> None:
     for seed in ALL_SEEDS:
         teachers = {m: runner.teacher("small", m, seed)[0] for m in ("onehot", "ls", "lspp", "ols")}
         posthoc = runner.args.runs_dir / "small" / f"posthoc-onehot-s{seed}.safetensors"
-        if not posthoc.exists() and (teachers["onehot"] / "metrics.json").exists():
+        if not posthoc.exists() and (teachers["onehot"] / "metrics.json").exists() and not runner.args.report_only:
             # Over the teacher's own training images (the run's --train-per-class subset).
             argv = ["cmatrix", "from-teacher", str(teachers["onehot"]), "--out", str(posthoc)]
             if (run_in_process(argv) if runner.args.smoke else subprocess.run([KD, *argv])).returncode != 0:
@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".data" / "cifar10-jpeg")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--images-dir", type=Path, default=IMAGES)
+    parser.add_argument("--report-only", action="store_true", help="train nothing: rebuild the tables from finished runs")
     parser.add_argument("--smoke", type=int, metavar="N",
                         help="a smoke test: N images per class and 1 epoch in every regime, 2 steps per run")
     args = parser.parse_args()

@@ -51,8 +51,9 @@ def test_augment_cost_benchmark_reports_every_augmentation(tmp_path, cifar10_sub
 
 
 def test_paper_experiments_runner_fills_every_table_and_skips_finished_runs(tmp_path, cifar10_subset):
-    args = ["--data-dir", str(cifar10_subset), "--smoke", "4", "--seeds", "0", "--runs-dir", str(tmp_path / "runs"),
-            "--results-dir", str(tmp_path), "--images-dir", str(tmp_path / "images")]
+    common = ["--data-dir", str(cifar10_subset), "--smoke", "4", "--runs-dir", str(tmp_path / "runs"),
+              "--results-dir", str(tmp_path), "--images-dir", str(tmp_path / "images")]
+    args = [*common, "--seeds", "0"]
     run_script("benchmarks/paper_cifar10.py", "table3", "--methods", "onehot", "ols", "lspp", *args)
     first = json.loads((tmp_path / "paper_table3_small.json").read_text())
     assert [len(first["rows"][m]) for m in ("onehot", "ols", "lspp", "ls")] == [1, 1, 1, 0]
@@ -63,6 +64,12 @@ def test_paper_experiments_runner_fills_every_table_and_skips_finished_runs(tmp_
         assert (tmp_path / f"paper_{name}.md").exists(), name
     assert len(json.loads((tmp_path / "paper_table6.json").read_text())["rows"]["proxy: OLS matrix"]) == 1
     assert (tmp_path / "images" / "fig3_cifar10_lspp_cmatrix.png").exists()
+    rows = json.loads((tmp_path / "paper_table7.json").read_text())["rows"]
+    runs = sorted(p.name for p in (tmp_path / "runs").rglob("*") if p.is_dir())
+    (tmp_path / "paper_table7.md").unlink()
+    run_script("benchmarks/paper_cifar10.py", "table7", "--report-only", "--seeds", "0", "1", *common)
+    assert json.loads((tmp_path / "paper_table7.json").read_text())["rows"] == rows and (tmp_path / "paper_table7.md").exists()
+    assert sorted(p.name for p in (tmp_path / "runs").rglob("*") if p.is_dir()) == runs  # nothing trained (seed 1 neither)
 
 
 def test_flip_digits_benchmark_runs(tmp_path):
