@@ -294,7 +294,7 @@ def _load_torchvision(key: str, data_dir: str | os.PathLike | None, download: bo
 # ----------------------------------------------------------------------------- imagefolder
 
 
-def _is_image_file(path: str) -> bool:
+def is_image_file(path: str) -> bool:
     """An ImageFolder sample: a known image ending, not a hidden file (e.g. macOS `._x.jpg`)."""
     base = os.path.basename(path)
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
@@ -337,7 +337,7 @@ def _list_images(split_dir: Path, class_names: Sequence[str]) -> list[tuple[str,
         for dirpath, _, filenames in sorted(os.walk(folder, onerror=unreadable, followlinks=True)):
             for filename in sorted(filenames):
                 path = os.path.join(dirpath, filename)
-                if _is_image_file(path):
+                if is_image_file(path):
                     samples.append((path, label))
                     found += 1
         if found == 0:

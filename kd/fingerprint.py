@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from kd.datasets import IMAGE_EXTENSIONS, ImageDataset, normalise_dataset_name
+from kd.datasets import ImageDataset, is_image_file, normalise_dataset_name
 
 
 def _image_files(root: Path) -> list[tuple[str, int]]:
@@ -19,7 +19,7 @@ def _image_files(root: Path) -> list[tuple[str, int]]:
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders are not classes
         for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+            if is_image_file(name):
                 path = Path(folder) / name
                 found.append((path.relative_to(root).as_posix(), path.stat().st_size))
     return sorted(found)
