@@ -16,6 +16,7 @@ from kd.augment import AugmentOptions
 from kd.datasets import DATASET_NAMES
 from kd.errors import KDError, one_line
 from kd.models import BUILTIN_MODELS
+from kd.pretrained import TEACHER_CLASSES_HELP, TEACHER_IMAGE_SIZE_HELP, TEACHER_MODEL_HELP, TEACHER_WEIGHTS_HELP
 from kd.io import write_text_atomic
 
 DATASET_HELP = (
@@ -52,6 +53,20 @@ run_options = _apply([
         "--train-per-class", type=int, default=None, metavar="N",
         help="Train on N images per class only: a stratified subset picked with --seed (the test split stays whole). "
         "For small-data experiments and quick runs.",
+    ),
+    click.option(
+        "--val-split", type=float, default=None, metavar="FRACTION",
+        help="Hold out this fraction of every class's training images (stratified, picked with --seed) as a "
+        "validation split, evaluated every --eval-every epochs and at the end. The test split is evaluated once, at the end.",
+    ),
+    click.option(
+        "--eval-every", type=int, default=None, metavar="EPOCHS",
+        help="With --val-split: validate every EPOCHS epochs (and after the last). Default: every epoch.",
+    ),
+    click.option(
+        "--log-with", metavar="TRACKERS",
+        help="Also log each epoch's scalars (summary.csv's columns) to these Accelerate trackers, comma-separated: "
+        "tensorboard (into OUT/tensorboard; pip install 'lspp-kd[tensorboard]'), wandb, mlflow, comet_ml, aim, ...",
     ),
     click.option(
         "--skip-bad-images", is_flag=True,
@@ -162,10 +177,15 @@ def train_teacher_command(**options) -> None:
 @cli.command("distill")
 @run_options
 @click.option("--proxy", type=click.Path(dir_okay=False), help="C-matrix file: proxy-teacher targets (1-a)*onehot + a*C[y], no teacher network (method proxy).")
-@click.option("--teacher", type=click.Path(file_okay=False), help="Teacher run directory: classic per-sample KD (method kd).")
-@method_options("student", "proxy with --proxy, kd with --teacher, onehot with neither")
+@click.option("--teacher", type=click.Path(file_okay=False), help="Teacher run directory: classic per-sample KD (method kd). Or use --teacher-model.")
+@click.option("--teacher-model", metavar="NAME", help=TEACHER_MODEL_HELP + " Classic per-sample KD (method kd); an alternative to --teacher.")
+@click.option("--teacher-weights", type=click.Path(dir_okay=False), help=TEACHER_WEIGHTS_HELP)
+@click.option("--teacher-image-size", type=int, default=None, metavar="N", help=TEACHER_IMAGE_SIZE_HELP)
+@click.option("--teacher-classes", type=click.Path(dir_okay=False), help=TEACHER_CLASSES_HELP)
+@method_options("student", "proxy with --proxy, kd with --teacher or --teacher-model, onehot with neither")
 def distill_command(**options) -> None:
-    """Train a student: from a proxy C-matrix (--proxy), a teacher network (--teacher), or plain labels."""
+    """Train a student: from a proxy C-matrix (--proxy), a teacher network (--teacher RUN_DIR, or a pretrained
+    --teacher-model NAME with --teacher-weights FILE), or plain labels."""
     from students.distill import StudentConfig, distill
 
     distill(StudentConfig(**_split_method_params("student", options)))

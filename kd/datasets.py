@@ -110,6 +110,7 @@ class ImageDataset:
     std: tuple[float, ...]
     skipped_images: int = 0  # unreadable image files left out (`skip_bad_images=True`)
     notes: tuple[str, ...] = ()  # one-line notes for the user (mixed image sizes or modes, skipped files)
+    val: InMemorySplit | Dataset | None = None  # carved out of train by `validation_split`
 
     @property
     def num_classes(self) -> int:
@@ -118,7 +119,9 @@ class ImageDataset:
     def describe(self) -> str:
         where = "in memory" if self.in_memory else "streaming"
         return (
-            f"{self.name}: {self.num_classes} classes, {len(self.train)} train / {len(self.test)} test, "
+            f"{self.name}: {self.num_classes} classes, {len(self.train)} train / "
+            + (f"{len(self.val)} val / " if self.val is not None else "")
+            + f"{len(self.test)} test, "
             f"{self.channels}x{self.image_size}x{self.image_size}, {where}"
             + (f", {self.skipped_images} unreadable images skipped" if self.skipped_images else "")
         )
@@ -644,6 +647,17 @@ class StreamingImageFolder(ImageFolder):
         raise KDError(f"no readable image in {self.root}")
 
 
+def _train_labels(data: ImageDataset) -> torch.Tensor:
+    return data.train.labels if isinstance(data.train, InMemorySplit) else torch.tensor(data.train.targets)
+
+
+def _take(split: InMemorySplit | Dataset, index: torch.Tensor) -> InMemorySplit | Dataset:
+    """The samples of `split` at `index` (in that order)."""
+    if isinstance(split, InMemorySplit):
+        return InMemorySplit(split.images[index], split.labels[index])
+    return split.subset(index.tolist())
+
+
 def train_per_class(data: ImageDataset, per_class: int, seed: int) -> ImageDataset:
     """`data` with a seeded, stratified subset of `per_class` training images of every class (the test split whole).
 
@@ -651,7 +665,7 @@ def train_per_class(data: ImageDataset, per_class: int, seed: int) -> ImageDatas
     """
     if per_class < 1:
         raise KDError(f"--train-per-class must be a positive integer, got {per_class}")
-    labels = data.train.labels if isinstance(data.train, InMemorySplit) else torch.tensor(data.train.targets)
+    labels = _train_labels(data)
     generator = torch.Generator().manual_seed(seed)
     picked = []
     for label, name in enumerate(data.class_names):
@@ -660,12 +674,39 @@ def train_per_class(data: ImageDataset, per_class: int, seed: int) -> ImageDatas
             raise KDError(f"--train-per-class {per_class}: class {name!r} has only {len(members)} training images")
         picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     index = torch.cat(picked).sort().values
-    if isinstance(data.train, InMemorySplit):
-        train = InMemorySplit(data.train.images[index], data.train.labels[index])
-    else:
-        train = data.train.subset(index.tolist())
     note = f"note: training on {per_class} images per class ({len(index)} of {len(labels)}), picked with seed {seed}"
-    return replace(data, train=train, notes=(*data.notes, note))
+    return replace(data, train=_take(data.train, index), notes=(*data.notes, note))
+
+
+# A stream apart from `train_per_class`'s, so --train-per-class and --val-split pick independently.
+_VAL_SEED_OFFSET = 0x5EED
+
+
+def validation_split(data: ImageDataset, fraction: float, seed: int) -> ImageDataset:
+    """`data` with a seeded, stratified validation split carved out of its training split.
+
+    Every class gives round(fraction x its count) images (at least one) to `val` and keeps at
+    least one for training; both splits keep the dataset's order. The test split is untouched.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise KDError(f"--val-split must be a fraction between 0 and 1 (exclusive), got {fraction}")
+    labels = _train_labels(data)
+    generator = torch.Generator().manual_seed(seed + _VAL_SEED_OFFSET)
+    val_parts, train_parts = [], []
+    for label, name in enumerate(data.class_names):
+        members = torch.nonzero(labels == label).flatten()
+        count = max(1, round(fraction * len(members)))
+        if count >= len(members):
+            raise KDError(
+                f"--val-split {fraction}: class {name!r} has {len(members)} training image(s), too few to "
+                "keep one for training and give one to validation"
+            )
+        shuffled = members[torch.randperm(len(members), generator=generator)]
+        val_parts.append(shuffled[:count])
+        train_parts.append(shuffled[count:])
+    val_index, train_index = torch.cat(val_parts).sort().values, torch.cat(train_parts).sort().values
+    note = f"note: validating on {len(val_index)} of {len(labels)} training images (--val-split {fraction}, seed {seed})"
+    return replace(data, train=_take(data.train, train_index), val=_take(data.train, val_index), notes=(*data.notes, note))
 
 
 def _drop_failures(

@@ -32,7 +32,9 @@ from kd.errors import KDError
 from kd.loader import DeviceBatches
 from kd.metrics import classification_metrics
 from kd.methods.base import EpochContext, Method, StepContext
-from kd.rundir import CHECKPOINTS_DIR, checkpoint_name, commit_checkpoint, latest_checkpoint, temporary_checkpoint_dir
+from kd.rundir import (
+    CHECKPOINTS_DIR, SUMMARY_FILE, checkpoint_name, commit_checkpoint, latest_checkpoint, temporary_checkpoint_dir, write_summary,
+)
 
 
 # Reading the loss forces a device sync, so the bar's loss and img/s refresh every few steps;
@@ -107,6 +109,8 @@ class FitConfig:
     checkpoint_every_steps: int | None = None  # optimizer steps
     resume_from: str | None = None  # a checkpoint directory to continue from
     augment: AugmentOptions | None = None  # None: the dataset's default augmentations
+    # Validation (needs `data.val`): every `eval_every` epochs and after the last one; None: every epoch.
+    eval_every: int | None = None
 
     @property
     def checkpointing(self) -> bool:
@@ -115,7 +119,7 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    metrics: dict[str, float]  # test_top1, test_nll, test_ece, test_mean_confidence
+    metrics: dict[str, float]  # test_top1, test_nll, test_ece, test_mean_confidence (and val_* with a validation split)
     train_seconds: float
     images_per_second: float
     steps: int  # optimizer steps
@@ -127,6 +131,7 @@ class FitResult:
     grad_accum: int = 1
     effective_batch_size: int = 0  # images per optimizer step over all processes
     resumed_from_step: int | None = None
+    summary: list[dict[str, float]] = field(default_factory=list)  # summary.csv's rows, one per epoch
 
     @property
     def epoch_train_loss(self) -> list[float]:
@@ -154,9 +159,11 @@ class TrainState:
         self.part_sums: list[dict[str, float]] = [{} for _ in range(world_size)]  # per process, current epoch
         self.generator_states: list[torch.Tensor] | None = None  # per process
         self.method_states: list[dict[str, torch.Tensor]] = [{} for _ in range(world_size)]  # per process
+        self.summary: list[dict[str, float]] = []  # completed epochs' summary.csv rows
+        self.epoch_start_seconds = 0.0  # train_seconds when the current epoch began
 
     def capture(self, step: int, history: dict[str, list[float]], train_seconds: float, epoch_batches: int,
-                part_sums: dict[str, torch.Tensor]) -> None:
+                part_sums: dict[str, torch.Tensor], summary: list[dict[str, float]], epoch_start_seconds: float) -> None:
         """Record the run's position; a collective call (every process must call it)."""
         mine = [(
             self.batches.generator.get_state().cpu(),
@@ -166,6 +173,7 @@ class TrainState:
         everyone = gather_object(mine)
         self.step, self.train_seconds, self.epoch_batches = step, train_seconds, epoch_batches
         self.history = {name: list(values) for name, values in history.items()}
+        self.summary, self.epoch_start_seconds = [dict(row) for row in summary], epoch_start_seconds
         self.generator_states = [generator for generator, _, _ in everyone]
         self.part_sums = [sums for _, sums, _ in everyone]
         self.method_states = [method_state for _, _, method_state in everyone]
@@ -181,6 +189,8 @@ class TrainState:
             "generator_states": self.generator_states,
             "method_states": self.method_states,
             "world_size": self.world_size,
+            "summary": self.summary,
+            "epoch_start_seconds": self.epoch_start_seconds,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -202,6 +212,8 @@ class TrainState:
         self.part_sums = list(state["part_sums"])
         self.generator_states = state["generator_states"]
         self.method_states = list(state["method_states"])
+        self.summary = [dict(row) for row in state.get("summary", [])]  # absent before kd 0.2
+        self.epoch_start_seconds = float(state.get("epoch_start_seconds", self.train_seconds))
         self.batches.generator.set_state(self.generator_states[self.rank])
         self.method.load_rank_state(self.method_states[self.rank])
 
@@ -226,15 +238,21 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with: list[str] | None = None,
+                     logging_dir: str | None = None) -> Accelerator:
     """The Accelerator for a training run, under any launcher (plain python, torchrun, accelerate launch).
 
     On a machine without a GPU (or other accelerator) it is created with `cpu=True`: only then
     does Accelerate turn torchrun's environment into a multi-process CPU run (gloo backend);
-    otherwise every process would train alone, as if it were rank 0 of 1.
+    otherwise every process would train alone, as if it were rank 0 of 1. `log_with` names
+    Accelerate trackers; they log under `logging_dir` (set it to the run directory before
+    `init_trackers`).
     """
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=not has_accelerator)
+    return Accelerator(
+        mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=not has_accelerator,
+        log_with=log_with or None, project_dir=logging_dir if log_with else None,
+    )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -250,10 +268,10 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, data: ImageDataset, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
-    """Test metrics over the whole test split, gathered from every process."""
+def evaluate(net: nn.Module, data: ImageDataset, batch_size: int, accelerator: Accelerator, split: str = "test") -> dict[str, float]:
+    """Metrics over the whole `split` ("test" or "val"), gathered from every process; names prefixed with the split."""
     batches = DeviceBatches(
-        data, "test", batch_size, accelerator.device,
+        data, split, batch_size, accelerator.device,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
     was_training = net.training
@@ -269,7 +287,7 @@ def evaluate(net: nn.Module, data: ImageDataset, batch_size: int, accelerator: A
     labels = accelerator.gather(torch.cat(all_labels))
     valid = accelerator.gather(torch.cat(all_valid))
     metrics = classification_metrics(logits[valid].cpu(), labels[valid].cpu())
-    return {f"test_{name}": value for name, value in metrics.items()}
+    return {f"{split}_{name}": value for name, value in metrics.items()}
 
 
 @torch.no_grad()
@@ -332,8 +350,9 @@ class _Loop:
     """The training loop of one `fit` call: position, timing, per-epoch loss parts, checkpoints."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 batches: DeviceBatches, state: TrainState, plan: _Plan, config: FitConfig, accelerator: Accelerator, desc: str) -> None:
-        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+                 batches: DeviceBatches, state: TrainState, plan: _Plan, config: FitConfig, accelerator: Accelerator, desc: str,
+                 data: ImageDataset) -> None:
+        self.module, self.optimizer, self.scheduler, self.data = module, optimizer, scheduler, data
         self.batches, self.state, self.plan, self.config, self.accelerator = batches, state, plan, config, accelerator
         self.method: Method = accelerator.unwrap_model(module).criterion
         self.desc = desc
@@ -342,6 +361,9 @@ class _Loop:
         self.step = self.first_step = state.step
         self.train_seconds = self.seconds_before = state.train_seconds
         self.history = {name: list(values) for name, values in state.history.items()}
+        self.summary = [dict(row) for row in state.summary]
+        self.epoch_start_seconds = state.epoch_start_seconds
+        self.last_lr = 0.0
         self.progress = tqdm(
             total=plan.total_steps, initial=min(self.step, plan.total_steps), desc=desc, unit="step",
             disable=not accelerator.is_main_process, dynamic_ncols=True,
@@ -355,6 +377,8 @@ class _Loop:
     def run(self) -> None:
         self.module.train()
         first = self.plan.first_epoch(self.step)
+        if self.first_step:
+            self.write_summary()  # drops any rows a killed run wrote after its last checkpoint
         with self._stop_signals():
             for epoch in range(first, self.plan.epochs):
                 self._train_epoch(epoch, resumed=epoch == first)
@@ -427,6 +451,8 @@ class _Loop:
         self.batches.set_epoch(epoch, done * self.accum, self.plan.steps_in(epoch) * self.accum)
         self.progress.set_description(f"{self.desc} epoch {epoch + 1}/{self.plan.epochs}")
         device = self.accelerator.device
+        if done == 0:
+            self.epoch_start_seconds = self.train_seconds
         if resumed:
             own = self.state.part_sums[self.accelerator.process_index]
             sums = {name: torch.tensor(value, device=device) for name, value in own.items()}
@@ -470,6 +496,7 @@ class _Loop:
             parts = self.module(images, targets, context)
             self.accelerator.backward(parts["loss"])  # divides by the accumulation steps
             if self.accelerator.sync_gradients:
+                self.last_lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -491,6 +518,7 @@ class _Loop:
             epoch=epoch, step=self.step, total_steps=self.plan.total_steps,
             all_reduce_sum=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
         ))
+        self._record_epoch(epoch)
         every_epochs, every_steps = self.config.checkpoint_every_epochs, self.config.checkpoint_every_steps
         if stop_signal and self.config.run_dir is not None or self.config.checkpointing and (
             self.step >= self.plan.total_steps
@@ -503,8 +531,44 @@ class _Loop:
 
     def _checkpoint(self, epoch_batches: int, sums: dict[str, torch.Tensor]) -> None:
         self.check_weights()
-        self.state.capture(self.step, self.history, self.train_seconds, epoch_batches, sums)
+        self.state.capture(self.step, self.history, self.train_seconds, epoch_batches, sums, self.summary, self.epoch_start_seconds)
         _save_checkpoint(self.accelerator, self.config.run_dir, self.step)
+
+    def _validate_now(self, epoch: int) -> bool:
+        if self.data.val is None or not self.config.evaluate:
+            return False
+        every = self.config.eval_every or 1
+        return (epoch + 1) % every == 0 or self.step >= self.plan.total_steps
+
+    def _record_epoch(self, epoch: int) -> None:
+        """The epoch's summary.csv row (validated when due), written at once and logged to the trackers."""
+        seconds = self.train_seconds - self.epoch_start_seconds
+        images = (self.step - epoch * self.plan.steps_per_epoch) * self.effective_batch
+        row = {
+            "epoch": epoch + 1, "step": self.step, "lr": self.last_lr,
+            "images_per_second": images / seconds if seconds > 0 else 0.0, "train_seconds": self.train_seconds,
+            **{f"train_{name}": values[-1] for name, values in self.history.items()},
+        }
+        if self._validate_now(epoch):
+            inner = self.accelerator.unwrap_model(self.module)
+            sync_buffers(inner, self.accelerator)
+            row.update(evaluate(inner.net, self.data, self.config.batch_size, self.accelerator, "val"))
+            inner.train()
+        self.summary.append(row)
+        self.write_summary()
+        self.accelerator.log({key: value for key, value in row.items() if key != "epoch"}, step=row["epoch"])
+
+    def write_summary(self) -> None:
+        """Rewrite summary.csv from the rows so far (main process; a run with a directory only)."""
+        if self.config.run_dir is not None and self.accelerator.is_main_process:
+            write_summary(Path(self.config.run_dir) / SUMMARY_FILE, self.summary)
+
+    def add_final_metrics(self, metrics: dict[str, float]) -> None:
+        """The test metrics (and the last validation) join the last epoch's row."""
+        if self.summary and metrics:
+            self.summary[-1].update(metrics)
+            self.write_summary()
+            self.accelerator.log(metrics, step=self.summary[-1]["epoch"])
 
     def result(self, metrics: dict[str, float]) -> FitResult:
         memory_mb, memory_kind = peak_memory(self.accelerator.device)
@@ -521,6 +585,7 @@ class _Loop:
             grad_accum=self.accum,
             effective_batch_size=self.effective_batch,
             resumed_from_step=self.first_step if self.config.resume_from else None,
+            summary=self.summary,
         )
 
 
@@ -557,9 +622,14 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
         # Model (network + method parameters and buffers), optimizer, scheduler, python/numpy/torch RNG, and `state`.
         accelerator.load_state(str(config.resume_from))
 
-    loop = _Loop(module, optimizer, scheduler, batches, state, plan, config, accelerator, desc)
+    if config.eval_every is not None and data.val is None:
+        raise KDError("eval_every needs a validation split (--val-split)")
+    loop = _Loop(module, optimizer, scheduler, batches, state, plan, config, accelerator, desc, data)
     loop.run()
     loop.check_weights()
     sync_buffers(inner, accelerator)
     metrics = evaluate(inner.net, data, config.batch_size, accelerator) if config.evaluate else {}
+    if loop.summary and any(key.startswith("val_") for key in loop.summary[-1]):
+        metrics = {**{key: value for key, value in loop.summary[-1].items() if key.startswith("val_")}, **metrics}
+    loop.add_final_metrics({key: value for key, value in metrics.items() if key.startswith("test_")})
     return loop.result(metrics)

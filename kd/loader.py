@@ -116,10 +116,12 @@ class DeviceBatches:
         training: bool | None = None,
         augment: AugmentOptions | None = None,
     ) -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if split == "val" and data.val is None:
+            raise ValueError("the dataset has no validation split (see kd.datasets.validation_split)")
         self.train = split == "train" if training is None else training
-        self.source = data.train if split == "train" else data.test
+        self.source = {"train": data.train, "val": data.val, "test": data.test}[split]
         self.batch_size = batch_size
         self.device = device
         self.rank, self.world_size, self.seed = rank, world_size, seed

@@ -18,7 +18,7 @@ from torch import nn
 
 import kd
 from kd.augment import AugmentOptions, check_augment, default_augment, makes_soft_labels, parse_augment
-from kd.datasets import ImageDataset, dataset_key, load_dataset, train_per_class
+from kd.datasets import ImageDataset, dataset_key, load_dataset, train_per_class, validation_split
 from kd.engine import FitConfig, TrainingDiverged, TrainModule, fit, make_accelerator, optimizer_steps_per_epoch
 from kd.errors import KDError, one_line
 from kd.fingerprint import data_fingerprint
@@ -27,7 +27,7 @@ from kd.io import write_json_atomic
 from kd.methods import ExportInfo, Method, all_param_names, soft_target_methods
 from kd.models import build_model
 from kd.rundir import (
-    CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATUS_FILE, abandon_run_dir, check_out, finish_run_dir, latest_checkpoint,
+    CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATUS_FILE, TENSORBOARD_DIR, abandon_run_dir, check_out, finish_run_dir, latest_checkpoint,
     prepare_run_dir, read_run_config, save_model, work_dir,
 )
 
@@ -42,6 +42,9 @@ class RunConfig:
     download: bool = False
     skip_bad_images: bool = False
     train_per_class: int | None = None  # a seeded, stratified subset of the training split (small-data runs)
+    val_split: float | None = None  # a seeded, stratified validation split carved out of train
+    eval_every: int | None = None  # epochs between validations (needs val_split; default every epoch)
+    log_with: str | None = None  # Accelerate trackers, comma-separated ("tensorboard", "wandb", ...)
     model: str = "small_cnn"
     epochs: int = 30
     batch_size: int = 64
@@ -70,7 +73,7 @@ class RunConfig:
 # method parameter.
 RESUME_KEYS = (
     "stage", "model", "dataset", "dataset_name", "num_classes", "class_names", "in_channels", "image_size",
-    "method", "mode", "proxy", "teacher", "augment", "augment_options", "train_per_class",
+    "method", "mode", "proxy", "teacher", "augment", "augment_options", "train_per_class", "val_split",
     "seed", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "mixed_precision", "world_size",
     "data_fingerprint", *all_param_names(),
 )
@@ -94,8 +97,40 @@ def check_run_config(config: RunConfig) -> None:
     for flag, value in (("--checkpoint-every", config.checkpoint_every), ("--checkpoint-every-steps", config.checkpoint_every_steps)):
         if value is not None and value < 1:
             raise KDError(f"{flag} must be a positive integer, got {value}")
+    if config.val_split is not None and not 0.0 < config.val_split < 1.0:
+        raise KDError(f"--val-split must be a fraction between 0 and 1 (exclusive), got {config.val_split}")
+    if config.eval_every is not None:
+        if config.eval_every < 1:
+            raise KDError(f"--eval-every must be a positive integer, got {config.eval_every}")
+        if config.val_split is None:
+            raise KDError("--eval-every evaluates on the validation split: pass --val-split FRACTION too (the test split is used only at the end)")
+    trackers(config.log_with)
     if config.resume and config.overwrite:
         raise KDError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+
+
+def trackers(log_with: str | None) -> list[str]:
+    """The trackers `--log-with` names, each known to Accelerate and installed; else a one-line `KDError`."""
+    if not log_with:
+        return []
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [name.strip().lower() for name in log_with.split(",") if name.strip()]
+    available = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise KDError(f"--log-with: unknown tracker {name!r}; Accelerate knows {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        if name not in available:
+            extra = "pip install 'lspp-kd[tensorboard]'" if name == "tensorboard" else f"install the {name} package"
+            raise KDError(f"--log-with {name}: the {name} package is not installed ({extra})")
+    return list(dict.fromkeys(names))
+
+
+def _start_trackers(accelerator: Any, work: Path, run_config: dict[str, Any]) -> None:
+    """Point Accelerate's trackers at the run directory and log the run's scalar settings."""
+    accelerator.project_configuration.logging_dir = str(work)
+    scalars = {key: value for key, value in run_config.items() if isinstance(value, (int, float, str, bool))}
+    accelerator.init_trackers(TENSORBOARD_DIR, config=scalars, init_kwargs={"tensorboard": {"flush_secs": 10}})
 
 
 # Keys that are not flags themselves: a mismatch names the flag that decides them.
@@ -171,7 +206,7 @@ def run_stage(
     data is read.
     """
     check_run_config(config)
-    accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
+    accelerator = make_accelerator(config.mixed_precision, config.grad_accum, trackers(config.log_with), config.out)
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate would accept it and silently train in float32.
         raise KDError("--mixed-precision fp16 needs a GPU; use bf16 on the CPU")
@@ -184,6 +219,8 @@ def run_stage(
                         skip_bad_images=config.skip_bad_images)
     if config.train_per_class is not None:
         data = train_per_class(data, config.train_per_class, config.seed)
+    if config.val_split is not None:
+        data = validation_split(data, config.val_split, config.seed)
     for note in data.notes:
         accelerator.print(note)
     # The student is built before the method so a teacher's construction does not shift the
@@ -228,6 +265,8 @@ def run_stage(
         write_json_atomic(work / CONFIG_FILE, run_config)
         staged = f" (staged in {work} until it finishes)" if work != out else ""
         accelerator.print(f"{data.describe()} | {stage} {config.model} | {card.get('method', '')} -> {out}{staged}")
+    if config.log_with:
+        _start_trackers(accelerator, work, run_config)
 
     fit_config = FitConfig(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
@@ -235,7 +274,7 @@ def run_stage(
         run_dir=str(work), checkpoint_every_epochs=config.checkpoint_every,
         checkpoint_every_steps=config.checkpoint_every_steps,
         resume_from=str(resume_from) if resume_from is not None else None,
-        augment=augment,
+        augment=augment, eval_every=config.eval_every,
     )
     try:
         result = fit(TrainModule(net, method), data, fit_config, accelerator, desc=stage)
@@ -278,8 +317,9 @@ def run_stage(
         }
         write_json_atomic(work / METRICS_FILE, metrics)
         finish_run_dir(work, out)
+        val = f"val top-1 {result.metrics['val_top1']:.4f}  " if "val_top1" in result.metrics else ""
         accelerator.print(
-            f"test top-1 {result.metrics['test_top1']:.4f}  NLL {result.metrics['test_nll']:.4f}  "
+            f"{val}test top-1 {result.metrics['test_top1']:.4f}  NLL {result.metrics['test_nll']:.4f}  "
             f"ECE {result.metrics['test_ece']:.4f}  in {result.train_seconds:.1f}s "
             f"({result.images_per_second:.0f} img/s) -> {out}"
         )

@@ -1,8 +1,9 @@
 """Run directories: what a stage writes and how the next stage reads it back.
 
 A run directory holds `config.json` (everything needed to rebuild the model and re-run),
-`model.safetensors` (weights, no pickle), `metrics.json`, and for an LS++ teacher
-`cmatrix.safetensors`. Every file is written atomically.
+`model.safetensors` (weights, no pickle), `metrics.json`, `summary.csv` (one row per epoch,
+rewritten as each epoch ends), `tensorboard/` with `--log-with tensorboard`, and for an LS++
+teacher `cmatrix.safetensors`. Every file is written atomically.
 
 Checkpoints of the full training state live under `checkpoints/`: each is a directory
 `step-NNNNNNNN` (optimizer steps done) written by Accelerate's `save_state` into a hidden
@@ -12,6 +13,8 @@ so the highest-numbered `step-*` directory is always a complete checkpoint.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -22,16 +25,21 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kd.errors import KDError
-from kd.io import save_safetensors_atomic
+from kd.io import save_safetensors_atomic, write_text_atomic
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.safetensors"
 CMATRIX_FILE = "cmatrix.safetensors"
 STATUS_FILE = "status.json"  # written only when a run fails (e.g. diverged), for `kd compare`
+SUMMARY_FILE = "summary.csv"
+TENSORBOARD_DIR = "tensorboard"  # `--log-with tensorboard`: the event files
 CHECKPOINTS_DIR = "checkpoints"
 # What a run owns in its directory: replaced by `--overwrite`, nothing else is touched.
-ARTIFACTS = (CONFIG_FILE, MODEL_FILE, CMATRIX_FILE, STATUS_FILE, CHECKPOINTS_DIR, METRICS_FILE)  # metrics.json last: "finished"
+ARTIFACTS = (
+    CONFIG_FILE, MODEL_FILE, CMATRIX_FILE, STATUS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR,
+    METRICS_FILE,  # last: its presence means "finished"
+)
 # An `--overwrite` run is built here, inside --out, and swapped in only once it has finished.
 STAGING_DIR = ".kd-staging"
 KEEP_CHECKPOINTS = 2
@@ -244,3 +252,20 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
     except RuntimeError as error:
         raise KDError(f"{weights}: weights do not fit model {config['model']!r} ({str(error).splitlines()[0]})") from None
     return net.eval(), config
+
+
+# summary.csv's leading columns; then the loss parts (train_*), then val_* and test_* as they appear.
+_SUMMARY_FIRST = ("epoch", "step", "lr", "images_per_second", "train_seconds")
+
+
+def write_summary(path: str | os.PathLike, rows: list[dict[str, float]]) -> None:
+    """Write the per-epoch rows as CSV (atomically); a column missing from a row is left empty."""
+    columns = [name for name in _SUMMARY_FIRST if any(name in row for row in rows)]
+    for row in rows:
+        columns += [name for name in row if name not in columns]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: (f"{value:.8g}" if isinstance(value, float) else value) for key, value in row.items()})
+    write_text_atomic(path, text.getvalue())

@@ -61,7 +61,7 @@ def test_train_teacher_on_digits_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "teacher"
     result = kd("train-teacher", "--out", str(out), *FAST)
     assert result.returncode == 0, result.stderr
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "cmatrix.safetensors", "config.json", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "cmatrix.safetensors", "config.json", "metrics.json", "summary.csv"}
     config, metrics = read_run(out)
     assert REQUIRED_METRICS <= metrics.keys()
     for name in ("test_top1", "test_ece", "test_mean_confidence"):

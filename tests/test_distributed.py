@@ -3,6 +3,7 @@ mixed precision, and the GPU benchmark's command run for a few steps."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from kd.cmatrix import load_cmatrix
-from kd.datasets import load_dataset
+from kd.datasets import load_dataset, validation_split
 from kd.engine import FitConfig, TrainModule, fit, make_accelerator
 from kd.loader import DeviceBatches
 from kd.methods import StepContext, build_method
@@ -117,38 +118,50 @@ def test_two_process_library_run_keeps_ranks_identical_and_shards_the_data(tmp_p
     torch.testing.assert_close(tensors[0]["soft_labels"], expected, rtol=1e-6, atol=1e-7)
 
 
+def _evaluate_in_one_process(net: torch.nn.Module, data, split: str) -> dict[str, float]:
+    logits, labels = [], []
+    with torch.no_grad():
+        for images, batch_labels, valid in DeviceBatches(data, split, 100, torch.device("cpu")):
+            assert valid.all()
+            logits.append(net(images))
+            labels.append(batch_labels)
+    return classification_metrics(torch.cat(logits), torch.cat(labels)) | {"count": len(torch.cat(labels))}
+
+
 def test_two_process_cli_run_writes_one_run_directory_with_gathered_metrics(tmp_path):
     out = tmp_path / "ddp"
     result = torchrun("--no-python", KD, "train-teacher", "--out", str(out), "--epochs", "2", "--batch-size", "32",
-                      "--checkpoint-every", "1")
+                      "--checkpoint-every", "1", "--val-split", "0.2")
     assert result.returncode == 0, result.stderr[-3000:]
     # Only the main process writes files and prints the summary.
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "cmatrix.safetensors", "config.json", "metrics.json", "checkpoints"}
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors", "cmatrix.safetensors", "config.json", "metrics.json", "summary.csv", "checkpoints",
+    }
     assert result.stdout.count("test top-1") == 1
     assert not list(out.rglob(".*"))  # no temporary files left behind
-    checkpoint = out / "checkpoints" / "step-00000044"
+    data = validation_split(load_dataset("digits"), 0.2, seed=0)
+    steps_per_epoch = len(data.train) // 2 // 32  # each process sees half of each epoch
+    checkpoint = out / "checkpoints" / f"step-{steps_per_epoch:08d}"
     assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "optimizer.bin"} <= {p.name for p in checkpoint.iterdir()}
 
     config, metrics = read_run(out)
     assert metrics["world_size"] == config["world_size"] == 2
     assert config["effective_batch_size"] == 64
-    assert metrics["steps"] == 2 * (1437 // 2 // 32)  # each process sees half of each epoch
+    assert metrics["steps"] == 2 * steps_per_epoch
     assert metrics["device"].startswith("cpu")
     load_cmatrix(out / "cmatrix.safetensors", expected_class_names=metrics["class_names"])
 
-    # The reported test metrics are the whole test split's: evaluate the saved model in one process.
+    # The reported test and validation metrics are the whole splits': evaluate the saved model in one process.
     net, _ = load_run_model(out)
-    data = load_dataset("digits")
-    logits, labels = [], []
-    with torch.no_grad():
-        for images, batch_labels, valid in DeviceBatches(data, "test", 100, torch.device("cpu")):
-            assert valid.all()
-            logits.append(net(images))
-            labels.append(batch_labels)
-    whole = classification_metrics(torch.cat(logits), torch.cat(labels))
-    assert len(torch.cat(labels)) == 360
-    assert metrics["test_top1"] == whole["top1"]
-    assert metrics["test_nll"] == pytest.approx(whole["nll"], rel=1e-5)
+    for split, count in (("test", 360), ("val", len(data.val))):
+        whole = _evaluate_in_one_process(net, data, split)
+        assert whole["count"] == count
+        assert metrics[f"{split}_top1"] == whole["top1"]
+        assert metrics[f"{split}_nll"] == pytest.approx(whole["nll"], rel=1e-5)
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [1, 2] and all(row["val_top1"] for row in rows)
+    assert float(rows[-1]["val_top1"]) == pytest.approx(metrics["val_top1"], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- gradient accumulation

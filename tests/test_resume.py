@@ -3,6 +3,7 @@ uninterrupted run ends; checkpoints are complete or absent; bad resumes are one-
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -82,6 +83,11 @@ def start_and_kill_after_first_checkpoint(args: list[str], out: Path, launcher: 
             kill_tree(process)
 
 
+def summary_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
@@ -151,6 +157,8 @@ def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path, method, augment):
     partial = copy / "checkpoints" / ".tmp-step-00000070"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half a file")
+    # The killed run had written summary.csv rows past its last checkpoint: resuming drops them.
+    (copy / "summary.csv").write_text("epoch,step,train_loss\n1,44,9.0\n2,88,9.0\n3,132,9.0\n")
 
     result = run_kd(*args, "--out", str(copy), "--resume")
     assert result.returncode == 0, result.stderr
@@ -159,6 +167,11 @@ def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path, method, augment):
     assert_bitwise_equal(tensors(copy / "cmatrix.safetensors"), tensors(reference / "cmatrix.safetensors"))
     assert read_run(copy)[1]["epoch_loss_parts"] == read_run(reference)[1]["epoch_loss_parts"]
     assert not partial.exists()
+    timing = ("images_per_second", "train_seconds")
+    assert [{k: v for k, v in row.items() if k not in timing} for row in summary_rows(copy)] == [
+        {k: v for k, v in row.items() if k not in timing} for row in summary_rows(reference)
+    ]
+    assert [row["epoch"] for row in summary_rows(copy)] == ["1", "2"]
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
