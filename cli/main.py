@@ -11,6 +11,7 @@ import click
 
 import kd
 from cli.cmatrix_commands import cmatrix_group
+from cli.config_file import config_option
 from cli.plot_commands import plot_command
 from kd.augment import AugmentOptions
 from kd.datasets import DATASET_NAMES
@@ -164,6 +165,7 @@ def _split_method_params(stage: str, options: dict) -> dict:
 
 
 @cli.command("train-teacher")
+@config_option("teacher")
 @run_options
 @method_options("teacher", "lspp, which exports cmatrix.safetensors; so does ols")
 def train_teacher_command(**options) -> None:
@@ -175,6 +177,7 @@ def train_teacher_command(**options) -> None:
 
 
 @cli.command("distill")
+@config_option("student")
 @run_options
 @click.option("--proxy", type=click.Path(dir_okay=False), help="C-matrix file: proxy-teacher targets (1-a)*onehot + a*C[y], no teacher network (method proxy).")
 @click.option("--teacher", type=click.Path(file_okay=False), help="Teacher run directory: classic per-sample KD (method kd). Or use --teacher-model.")
