@@ -46,12 +46,13 @@ class LSPP(Method):
     def no_weight_decay(self) -> set[str]:
         return {"logits"}  # decay would pull C's rows towards uniform (plain LS)
 
-    def export(self, run_dir: Path, info: ExportInfo) -> None:
+    def to_cmatrix(self, info: ExportInfo) -> CMatrix:
+        """The current C-matrix as the shareable artifact (source "lspp"), as `export` writes it."""
         extra = {} if self.hparams["c_loss"] == "detached" else {"c_loss": self.hparams["c_loss"]}
-        save_cmatrix(
-            run_dir / CMATRIX_FILE,
-            CMatrix.from_logits(
-                self.logits.detach().float().cpu(), class_names=info.class_names, alpha=self.hparams["alpha"],
-                source="lspp", dataset=info.dataset, teacher_model=info.model, teacher_top1=info.test_top1, extra=extra,
-            ),
+        return CMatrix.from_logits(
+            self.logits.detach().float().cpu(), class_names=info.class_names, alpha=self.hparams["alpha"],
+            source="lspp", dataset=info.dataset, teacher_model=info.model, teacher_top1=info.test_top1, extra=extra,
         )
+
+    def export(self, run_dir: Path, info: ExportInfo) -> None:
+        save_cmatrix(run_dir / CMATRIX_FILE, self.to_cmatrix(info))

@@ -1,0 +1,42 @@
+"""The examples run as a user runs them: a subprocess, from the repository root."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd import load_cmatrix
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def accuracy(output: str, network: str) -> float:
+    match = re.search(rf"^{network} test accuracy: ([0-9.]+)$", output, flags=re.MULTILINE)
+    assert match, output
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_tabular_lspp_trains_a_teacher_exports_its_cmatrix_and_a_student_learns_from_it(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "examples" / "tabular_lspp.py"), "--out", str(tmp_path)],
+        check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+
+    cmatrix = load_cmatrix(tmp_path / "cmatrix.safetensors", expected_class_names=[str(digit) for digit in range(10)])
+    assert cmatrix.num_classes == 10 and cmatrix.source == "lspp" and cmatrix.alpha == pytest.approx(0.1)
+    torch.testing.assert_close(cmatrix.probs.sum(dim=1), torch.ones(10))
+    assert torch.all(cmatrix.probs.diagonal() == 0)
+    off_diagonal = cmatrix.probs[~torch.eye(10, dtype=torch.bool)]
+    assert (off_diagonal - 1 / 9).abs().max() > 1e-3  # learned: the rows are no longer uniform
+
+    teacher, student = accuracy(result.stdout, "teacher"), accuracy(result.stdout, "student")
+    assert cmatrix.teacher_top1 == pytest.approx(teacher, abs=1e-4)
+    assert student > 0.6 and teacher > 0.6  # chance is 0.1
