@@ -40,3 +40,19 @@ def test_tabular_lspp_trains_a_teacher_exports_its_cmatrix_and_a_student_learns_
     teacher, student = accuracy(result.stdout, "teacher"), accuracy(result.stdout, "student")
     assert cmatrix.teacher_top1 == pytest.approx(teacher, abs=1e-4)
     assert student > 0.6 and teacher > 0.6  # chance is 0.1
+
+
+def test_the_readme_training_loop_code_runs_as_printed(tmp_path):
+    """The README's "Use LS++ in your own training loop" code blocks, run in order as one script."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme.split("## Use LS++ in your own training loop", 1)[1].split("\n## ", 1)[0]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL))
+    assert "LSPPLoss" in code and "ProxyTeacherLoss" in code
+    (tmp_path / "snippet.py").write_text(code)
+    result = subprocess.run(
+        [sys.executable, "snippet.py"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    cmatrix = load_cmatrix(tmp_path / "cmatrix.safetensors")
+    assert cmatrix.num_classes == 10 and cmatrix.source == "lspp"
