@@ -15,7 +15,7 @@ We use the sum of the two terms, not the reference code's average: each term rea
 its own parameters, so a factor 1/2 would just halve the learning rate of both, and with the
 sum the network sees exactly the gradient of soft-target cross-entropy (comparable to 1-hot
 and LS at the same learning rate). The C logits get no weight decay (see
-`LSPPLoss.no_weight_decay`): decay pulls the logits to zero, i.e. rows towards uniform (plain
+`kd.methods.lspp.LSPP.no_weight_decay`): decay pulls the logits to zero, i.e. rows towards uniform (plain
 LS), which would bias the matrix we export and share.
 
 Everything is computed in log-space in float32 (log-softmax and logaddexp, never the log of
@@ -28,7 +28,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def insert_diagonal(off_diagonal: torch.Tensor, value: float) -> torch.Tensor:
@@ -170,40 +169,6 @@ def lspp_terms(net_logits: torch.Tensor, labels: torch.Tensor, c_logits: torch.T
         if c_loss == "sce":
             terms["rce"] = -_xlogy_sum(log_p.exp(), log_t).mean()
         return terms
-
-
-class LSPPLoss(nn.Module):
-    """LS++ criterion holding the learnable K x (K-1) C logits.
-
-    Keep it inside the module that `accelerator.prepare` wraps, so DDP synchronises the C
-    logits' gradients exactly like the network's.
-    """
-
-    def __init__(self, num_classes: int, alpha: float = DEFAULT_ALPHA) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError("LS++ needs at least 2 classes")
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-        self.num_classes = num_classes
-        self.alpha = float(alpha)
-        self.logits = nn.Parameter(torch.zeros(num_classes, num_classes - 1))
-
-    def no_weight_decay(self) -> set[str]:
-        return {"logits"}
-
-    def cmatrix(self) -> torch.Tensor:
-        return cmatrix_from_logits(self.logits)
-
-    def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """The soft targets t for hard labels (N,) or soft label distributions (N, K)."""
-        return log_targets_from_logits(labels, self.logits, self.alpha).exp()
-
-    def forward(self, net_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        terms = lspp_terms(net_logits, labels, self.logits, self.alpha)
-        if self.alpha == 0.0:
-            return terms["network"] + 0.0 * self.logits.sum()  # C is untouched, but stays "used" for DDP
-        return terms["network"] + terms["cmatrix"]
 
 
 def _detached_terms_for_labels(net_logits: torch.Tensor, labels: torch.Tensor, c_logits: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
