@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
+from kd import datacache
 from kd.augment import default_augment
 from kd.errors import KDError, one_line, short_list
 
@@ -551,6 +552,20 @@ def _run_chunks(
     return failures
 
 
+def _decode_cached(
+    files: list[str], channels: int, size: int, desc: str, skip_bad: bool = False
+) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    """`_decode_all` through the decoded-data cache (`kd.datacache`): only a clean decode is cached."""
+    key = datacache.cache_key(files, channels, size)
+    images = datacache.load_decoded(key, (len(files), channels, size, size))
+    if images is not None:
+        return images, []
+    images, failures = _decode_all(files, channels, size, desc, skip_bad)
+    if not failures:
+        datacache.store_decoded(key, images)
+    return images, failures
+
+
 def _decode_all(
     files: list[str], channels: int, size: int, desc: str, skip_bad: bool = False
 ) -> tuple[torch.Tensor, list[tuple[int, str]]]:
@@ -779,7 +794,7 @@ def _load_imagefolder(
         data: dict[str, InMemorySplit] = {}
         for split in splits:
             files = [path for path, _ in splits[split][1]]
-            images, failures = _decode_all(files, channels, size, f"decoding {split}", skip_bad_images)
+            images, failures = _decode_cached(files, channels, size, f"decoding {split}", skip_bad_images)
             if failures:
                 bad = torch.zeros(len(files), dtype=torch.bool)
                 bad[[index for index, _ in failures]] = True

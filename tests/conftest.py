@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -11,6 +15,12 @@ from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_ZIP = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"
+
+# The decoded-data cache (kd.datacache) of every test, and of the commands they start, goes
+# into one temporary folder, not the user's ~/.cache.
+_CACHE = tempfile.mkdtemp(prefix="kd-test-cache-")
+os.environ["KD_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def make_image_folder(
