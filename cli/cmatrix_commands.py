@@ -16,6 +16,7 @@ import click
 
 from cli.plot_commands import cmatrix_plot_command
 from kd.errors import KDError
+from kd.pretrained import TEACHER_CLASSES_HELP, TEACHER_IMAGE_SIZE_HELP, TEACHER_MODEL_HELP, TEACHER_WEIGHTS_HELP
 
 if TYPE_CHECKING:
     from kd.datasets import ImageDataset
@@ -295,36 +296,96 @@ def cmatrix_remap_command(file: str, classes_from: str, data_dir: str | None, ou
 
 
 @cmatrix_group.command("from-teacher")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--teacher-model", metavar="NAME", help=TEACHER_MODEL_HELP + " Instead of RUN_DIR.")
+@click.option("--teacher-weights", type=click.Path(dir_okay=False), help=TEACHER_WEIGHTS_HELP)
+@click.option("--teacher-image-size", type=int, default=None, metavar="N", help=TEACHER_IMAGE_SIZE_HELP)
+@click.option("--teacher-classes", type=click.Path(dir_okay=False), help=TEACHER_CLASSES_HELP)
 @click.option("--out", required=True, type=click.Path(), help=OUT_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("--dataset", default=None, help="Dataset to average over (default: the teacher's own).")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset root (default: the teacher's own).")
-@click.option("--alpha", type=float, default=None, help="Mixing mass a recorded in the file (default: the teacher's alpha, else the paper's 0.1).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Batch size for the pass over the training split.")
-def from_teacher_command(run_dir: str, out: str, overwrite: bool, dataset: str | None, data_dir: str | None,
-                         alpha: float | None, batch_size: int) -> None:
-    """Average a trained network's non-target predictions per class over its training set (source = posthoc)."""
-    from kd.cmatrix import CMatrix, save_cmatrix
-    from kd.engine import make_accelerator
-    from kd.lspp import DEFAULT_ALPHA
-    from kd.posthoc import estimate_cmatrix
-    from kd.rundir import METRICS_FILE, load_run_model, read_run_json
+@click.option("--dataset", default=None, help=(
+    "Dataset to average over (default: the teacher run's own; digits with --teacher-model)."))
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help=(
+    "Dataset root (default: the teacher run's own)."))
+@click.option("--alpha", type=float, default=None, help=(
+    "Mixing mass a recorded in the file (default: the teacher's alpha, else the paper's 0.1)."))
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help=(
+    "Batch size for the pass over the training split."))
+def from_teacher_command(run_dir: str | None, teacher_model: str | None, teacher_weights: str | None,
+                         teacher_image_size: int | None, teacher_classes: str | None, out: str, overwrite: bool,
+                         dataset: str | None, data_dir: str | None, alpha: float | None, batch_size: int) -> None:
+    """Average a trained network's non-target predictions per class over a training set (source = posthoc).
 
-    target = check_out_file(out, overwrite)
-    net, config = load_run_model(run_dir)
-    alpha = alpha if alpha is not None else float(config.get("alpha") or DEFAULT_ALPHA)
-    if not 0.0 <= alpha < 1.0:
+    The network is a teacher run (RUN_DIR) or a pretrained classifier (--teacher-model NAME
+    --teacher-weights FILE), which sees the data de-normalised, resized to its input size and
+    normalised with its own mean and std.
+    """
+    from kd.cmatrix import save_cmatrix
+    from kd.engine import make_accelerator
+    from kd.posthoc import posthoc_cmatrix
+    from kd.pretrained import check_pretrained_flags, load_pretrained_teacher, load_run_teacher
+
+    if (run_dir is None) == (teacher_model is None):
+        raise KDError("from-teacher needs exactly one of RUN_DIR or --teacher-model NAME (with --teacher-weights FILE)")
+    check_pretrained_flags(teacher_model, teacher_weights, teacher_image_size, teacher_classes)
+    if alpha is not None and not 0.0 <= alpha < 1.0:
         raise KDError(f"--alpha must be in [0, 1), got {alpha}")
-    data = load_run_dataset(run_dir, config, dataset, data_dir)
-    probs = estimate_cmatrix(net, data, batch_size, make_accelerator())
-    has_metrics = (Path(run_dir) / METRICS_FILE).is_file()
-    teacher_top1 = read_run_json(run_dir, METRICS_FILE, "").get("test_top1") if has_metrics else None
-    save_cmatrix(target, CMatrix.from_probs(
-        probs, class_names=data.class_names, alpha=alpha, source="posthoc", dataset=data.name,
-        teacher_model=config["model"], teacher_top1=teacher_top1,
-    ))
-    click.echo(f"wrote {out}: posthoc C-matrix of {config['model']} over {len(data.class_names)} classes")
+    target = check_out_file(out, overwrite)
+    if run_dir is not None:
+        teacher, config = load_run_teacher(run_dir)
+        data = load_run_dataset(run_dir, config, dataset, data_dir)
+    else:
+        from kd.datasets import load_dataset
+
+        pretrained = load_pretrained_teacher(teacher_model, teacher_weights, teacher_image_size, teacher_classes)
+        data = load_dataset(dataset or "digits", data_dir)
+        teacher = pretrained.build(data)
+    cm = posthoc_cmatrix(teacher, data, batch_size, make_accelerator(), alpha)
+    save_cmatrix(target, cm)
+    click.echo(f"wrote {out}: posthoc C-matrix of {teacher.model} over {len(data.class_names)} classes")
+
+
+@cmatrix_group.command("card")
+@click.argument("file", type=FILE)
+@click.option("--out", type=click.Path(), help=(
+    "Markdown file to write the card to (default: print it). Refused if it exists, unless --overwrite."))
+@click.option("--image", type=click.Path(), metavar="PNG", help=(
+    "Also draw the heatmap (as `kd cmatrix plot` does) to this PNG and link it from the card, relative to "
+    "--out's folder. Refused if it exists, unless --overwrite."))
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Neighbours listed per class.")
+@click.option("--overwrite", is_flag=True, help="Replace existing --out and --image files (written atomically).")
+def cmatrix_card_command(file: str, out: str | None, image: str | None, top: int, overwrite: bool) -> None:
+    """Write a markdown card for FILE: what to publish next to a shared C-matrix.
+
+    It holds the class count and names (abbreviated when many), the provenance chain from the
+    file's metadata (source, dataset, teacher and its top-1, alpha, and the inputs of a
+    merge, subset or remap with their checksums), each class's top neighbours, the mutual
+    top-neighbour pairs, the file's SHA-256 and, with --image, the heatmap.
+    """
+    import os
+
+    from cli.cmatrix_display import format_card
+    from kd.cmatrix import file_sha256, load_cmatrix
+    from kd.io import write_text_atomic
+    from kd.plots import plot_cmatrix
+
+    card_path = check_out_file(out, overwrite, example="CARD.md") if out is not None else None
+    image_path = check_out_file(image, overwrite, example="cmatrix.png") if image is not None else None
+    if image_path is not None and image_path.suffix.lower() != ".png":
+        raise KDError(f"--image {image}: the heatmap is a PNG; give a file name ending in .png")
+    if card_path is not None and image_path is not None and card_path.resolve() == image_path.resolve():
+        raise KDError(f"--out and --image are the same file ({out}); give the card and the heatmap different names")
+    cm = load_cmatrix(file)
+    link = None
+    if image_path is not None:
+        plot_cmatrix(cm, image_path)
+        link = os.path.relpath(image_path.resolve(), card_path.resolve().parent) if card_path is not None else image
+    card = format_card(cm, Path(file).name, file_sha256(file), top=top, image=link)
+    if card_path is None:
+        click.echo(card, nl=False)
+        return
+    write_text_atomic(card_path, card)
+    click.echo(f"wrote {out}" + (f" and {image}" if image is not None else "") + f": {Path(file).name} card")
 
 
 # `kd cmatrix plot` is defined with the other figure commands.

@@ -1,8 +1,11 @@
-"""Text and JSON display of C-matrices for the `kd cmatrix` commands: `show`, the `validate`
-OK line and the `diff` table. The library side (the artifact, operations, diff) is in `kd/`."""
+"""Text, JSON and markdown display of C-matrices for the `kd cmatrix` commands: `show`, the
+`validate` OK line, the `diff` table and the `card`. The library side (the artifact,
+operations, diff) is in `kd/`."""
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import torch
@@ -96,3 +99,163 @@ def show_dict(cm: CMatrix, top: int = 3) -> dict[str, Any]:
         "neighbours": {name: [[other, p] for other, p in ns] for name, ns in top_neighbours(cm, top)},
         "metadata": cm.metadata(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# the markdown card (`kd cmatrix card`)
+
+# Up to this many classes the card lists every name; above, the first and last few.
+CARD_ALL_NAMES_MAX = 30
+CARD_HEAD_NAMES, CARD_TAIL_NAMES = 20, 5
+# Nested `sources` deeper than this are summarised, not rendered.
+CARD_MAX_DEPTH = 8
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~$])")
+_PROVENANCE_KEYS = ("sources", "parent_source", "parent_created")
+
+
+def markdown_text(value: Any, limit: int = 200) -> str:
+    """A value from the file as literal markdown text: one line, punctuation escaped, cut to `limit`."""
+    text = " ".join(str(value).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "\u2026"
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def mutual_pairs(cm: CMatrix) -> list[tuple[str, str]]:
+    """Pairs of classes that are each other's top neighbour, in class order."""
+    top = {name: neighbours[0][0] for name, neighbours in top_neighbours(cm, 1)}
+    pairs = []
+    for name in cm.class_names:
+        other = top[name]
+        if top[other] == name and cm.class_names.index(name) < cm.class_names.index(other):
+            pairs.append((name, other))
+    return pairs
+
+
+def _teacher_text(model: Any, top1: Any) -> str:
+    text = markdown_text(model) if model else "unknown"
+    if isinstance(top1, (int, float)) and not isinstance(top1, bool):
+        text += f" (top-1 {float(top1):.4f})"
+    else:
+        text += " (accuracy not recorded)"
+    return text
+
+
+def _names_text(names: tuple[str, ...]) -> str:
+    shown = [markdown_text(name, 60) for name in names]
+    if len(shown) <= CARD_ALL_NAMES_MAX:
+        return ", ".join(shown)
+    hidden = len(shown) - CARD_HEAD_NAMES - CARD_TAIL_NAMES
+    return f"{', '.join(shown[:CARD_HEAD_NAMES])}, \u2026 ({hidden} more) \u2026, {', '.join(shown[-CARD_TAIL_NAMES:])}"
+
+
+def _source_lines(entries: list[Any], depth: int) -> list[str]:
+    """Nested bullet lines for a `sources` list (each input, then its own inputs)."""
+    indent = "  " * depth
+    lines = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            lines.append(f"{indent}- {markdown_text(entry)}")
+            continue
+        name = markdown_text(entry["file"]) if entry.get("file") else "an in-memory matrix"
+        sha = f" (sha256 `{str(entry['sha256'])[:12]}\u2026`)" if re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256", ""))) else ""
+        facts = [
+            f"source {markdown_text(entry.get('source', '?'))}",
+            f"dataset {markdown_text(entry.get('dataset') or 'unknown')}",
+            f"teacher {_teacher_text(entry.get('teacher_model'), entry.get('teacher_top1'))}",
+            f"alpha {markdown_text(entry.get('alpha', '?'))}",
+            f"K={markdown_text(entry.get('num_classes', '?'))}",
+            f"created {markdown_text(entry.get('created', '?'))}",
+        ]
+        lines.append(f"{indent}- from {name}{sha}: {', '.join(facts)}")
+        inner = entry.get("sources")
+        if isinstance(inner, list) and inner:
+            if depth + 1 >= CARD_MAX_DEPTH:
+                lines.append(f"{indent}  - ... {len(inner)} older input(s), not shown")
+            else:
+                lines.extend(_source_lines(inner, depth + 1))
+    return lines
+
+
+def _provenance_lines(cm: CMatrix) -> list[str]:
+    lines = [
+        f"- this file: source {markdown_text(cm.source)}, dataset {markdown_text(cm.dataset or 'unknown')}, "
+        f"teacher {_teacher_text(cm.teacher_model, cm.teacher_top1)}, alpha {float(cm.alpha):g}, "
+        f"created {markdown_text(cm.created)} (toolkit {markdown_text(cm.toolkit_version)})"
+    ]
+    if "sources" in cm.extra:
+        try:
+            sources = json.loads(cm.extra["sources"])
+        except ValueError:
+            sources = None
+        if isinstance(sources, list):
+            lines.extend(_source_lines(sources, 1))
+        else:
+            lines.append(f"  - sources (not a JSON list): {markdown_text(cm.extra['sources'])}")
+    if "parent_source" in cm.extra:
+        lines.append(
+            f"  - re-ordered from a {markdown_text(cm.extra['parent_source'])} matrix created "
+            f"{markdown_text(cm.extra.get('parent_created', 'unknown'))}"
+        )
+    others = {key: value for key, value in cm.extra.items() if key not in _PROVENANCE_KEYS}
+    for key, value in sorted(others.items()):
+        lines.append(f"- {markdown_text(key, 60)}: {markdown_text(value)}")
+    return lines
+
+
+def _link_target(path: str) -> str:
+    target = path.replace("\\", "/")
+    return f"<{target}>" if re.search(r"[\s()<>]", target) else target
+
+
+def format_card(cm: CMatrix, file_name: str, sha256: str, *, top: int = 3, image: str | None = None) -> str:
+    """The markdown card of `kd cmatrix card`: what to publish next to a shared C-matrix file.
+
+    `sha256` is the file's checksum; `image` the heatmap's path as the card should link it.
+    Every value read from the file is escaped, so class names cannot break the markdown.
+    """
+    names = cm.class_names
+    lines = [
+        f"# C-matrix card: {markdown_text(file_name)}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| classes | {cm.num_classes} |",
+        f"| source | {markdown_text(cm.source)} |",
+        f"| dataset | {markdown_text(cm.dataset or 'unknown')} |",
+        f"| teacher | {_teacher_text(cm.teacher_model, cm.teacher_top1)} |",
+        f"| alpha | {float(cm.alpha):g} |",
+        f"| created | {markdown_text(cm.created)} |",
+        f"| format | {markdown_text(cm.metadata()['format'])} {markdown_text(cm.metadata()['format_version'])}, "
+        f"toolkit {markdown_text(cm.toolkit_version)} |",
+        f"| sha256 | `{sha256}` |",
+        "",
+        f"**Classes ({cm.num_classes}):** {_names_text(names)}",
+        "",
+        "## Provenance",
+        "",
+        *_provenance_lines(cm),
+        "",
+        f"## Nearest classes (top {min(top, cm.num_classes - 1)})",
+        "",
+        "| class | neighbours (probability) |",
+        "|---|---|",
+    ]
+    for name, neighbours in top_neighbours(cm, top):
+        listed = ", ".join(f"{markdown_text(other, 60)} ({p:.3f})" for other, p in neighbours)
+        lines.append(f"| {markdown_text(name, 60)} | {listed} |")
+    pairs = mutual_pairs(cm)
+    listed_pairs = ", ".join(f"{markdown_text(a, 60)} \u2194 {markdown_text(b, 60)}" for a, b in pairs) or "none"
+    lines += ["", f"**Mutual top neighbours:** {listed_pairs}", ""]
+    if image is not None:
+        lines += ["## Heatmap", "", f"![C-matrix heatmap of {markdown_text(file_name)}]({_link_target(image)})", ""]
+    lines += [
+        "## Check and use",
+        "",
+        "```bash",
+        f"kd cmatrix validate {file_name} --checksum   # must print sha256={sha256}",
+        f"kd distill --proxy {file_name} --dataset ... --model ... --out student",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

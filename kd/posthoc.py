@@ -4,17 +4,26 @@ For each true class y: the network's predicted distribution over the other class
 (p with p_y removed, renormalised), averaged over the training images of class y, with a
 zero diagonal and rows summing to 1. This turns any teacher, including one trained without
 LS++, into a proxy teacher.
+
+The teacher is a `kd.pretrained.Teacher`: a run directory's network or a pretrained timm /
+torchvision classifier behind its input adapter; both take the dataset's batches, so one code
+path (`posthoc_cmatrix`) serves both.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from kd.cmatrix import CMatrix
 from kd.datasets import ImageDataset
 from kd.errors import KDError
 from kd.loader import DeviceBatches
+from kd.lspp import DEFAULT_ALPHA
+from kd.pretrained import Teacher
 
 
 @torch.no_grad()
@@ -43,3 +52,26 @@ def estimate_cmatrix(net: nn.Module, data: ImageDataset, batch_size: int, accele
     cmatrix = sums / counts[:, None]
     cmatrix.fill_diagonal_(0.0)
     return (cmatrix / cmatrix.sum(dim=1, keepdim=True)).float().cpu()
+
+
+def posthoc_cmatrix(
+    teacher: Teacher, data: ImageDataset, batch_size: int, accelerator: Accelerator, alpha: float | None = None
+) -> CMatrix:
+    """The posthoc C-matrix of `teacher` over `data`'s training split, with its provenance.
+
+    `alpha` defaults to the teacher's own (an LS++ / LS run), else the paper's 0.1. For a
+    pretrained teacher, the file's extra metadata records its weights file (base name) and
+    that file's SHA-256.
+    """
+    alpha = alpha if alpha is not None else (teacher.alpha or DEFAULT_ALPHA)
+    if not 0.0 <= alpha < 1.0:
+        raise KDError(f"--alpha must be in [0, 1), got {alpha}")
+    probs = estimate_cmatrix(teacher.net, data, batch_size, accelerator)
+    extra = {}
+    if "teacher_weights" in teacher.record:  # a shared file names the weights file, not where it lay
+        extra["teacher_weights"] = Path(teacher.record["teacher_weights"]).name
+        extra["teacher_weights_sha256"] = teacher.record["teacher_weights_sha256"]
+    return CMatrix.from_probs(
+        probs, class_names=data.class_names, alpha=alpha, source="posthoc", dataset=data.name,
+        teacher_model=teacher.model, teacher_top1=teacher.top1, extra=extra,
+    )

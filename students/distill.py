@@ -4,7 +4,9 @@ All modes share one loop (`kd.run.run_stage`); the method decides the targets an
 What the stage provides is what the method declares it needs:
 
 * `--proxy FILE`: a C-matrix (method `proxy`, PT-LS++: targets (1-a) onehot(y) + a C[y]);
-* `--teacher RUN_DIR`: a frozen teacher network (method `kd`, Hinton: per-sample soft predictions);
+* `--teacher RUN_DIR`, or `--teacher-model NAME --teacher-weights FILE` (a pretrained timm or
+  torchvision classifier, fed through an input adapter, see `kd.pretrained`): a frozen teacher
+  network (method `kd`, Hinton: per-sample soft predictions);
 * neither: plain labels, with any method that needs nothing (onehot by default, ls, tfkd, ...).
 """
 
@@ -13,31 +15,42 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
-
 from kd.cmatrix import CMatrix, CMatrixError, check_class_names, load_cmatrix, remap_by_name
 from kd.datasets import ImageDataset
 from kd.errors import KDError
 from kd.methods import Method, Setup, get_method, method_names, resolve_params
-from kd.rundir import load_run_model
+from kd.pretrained import (
+    PretrainedTeacher, Teacher, check_pretrained_flags, check_run_teacher_fits, load_pretrained_teacher, load_run_teacher,
+)
 from kd.run import RunConfig, run_stage
 
 # By what the student is given: the default method, the mode recorded in config.json, and the flag.
 DEFAULT_METHOD = {None: "onehot", "cmatrix": "proxy", "teacher": "kd"}
 MODE = {None: "plain", "cmatrix": "proxy", "teacher": "kd"}
-NEED_FLAG = {None: "neither --proxy nor --teacher", "cmatrix": "--proxy FILE", "teacher": "--teacher RUN_DIR"}
+NEED_FLAG = {
+    None: "neither --proxy nor --teacher", "cmatrix": "--proxy FILE", "teacher": "--teacher RUN_DIR or --teacher-model NAME",
+}
 
 
 @dataclass
 class StudentConfig(RunConfig):
     proxy: str | None = None
-    teacher: str | None = None
+    teacher: str | None = None  # a run directory
+    teacher_model: str | None = None  # a pretrained classifier (timm:NAME, tv:NAME or NAME) ...
+    teacher_weights: str | None = None  # ... its weights file
+    teacher_image_size: int | None = None  # ... the side it sees (default: its own)
+    teacher_classes: str | None = None  # ... a file with its class names, one per line
 
 
 def _need(config: StudentConfig) -> str | None:
-    if config.proxy and config.teacher:
-        raise KDError("--proxy and --teacher are alternatives: pass one of them (or neither for a plain student)")
-    return "cmatrix" if config.proxy else "teacher" if config.teacher else None
+    if config.teacher and config.teacher_model:
+        raise KDError("--teacher RUN_DIR and --teacher-model NAME are alternatives: pass one of them")
+    teacher = config.teacher or config.teacher_model
+    if config.proxy and teacher:
+        flag = "--teacher" if config.teacher else "--teacher-model"
+        raise KDError(f"--proxy and {flag} are alternatives: pass one of them (or neither for a plain student)")
+    check_pretrained_flags(config.teacher_model, config.teacher_weights, config.teacher_image_size, config.teacher_classes)
+    return "cmatrix" if config.proxy else "teacher" if teacher else None
 
 
 def _proxy_cmatrix(path: str, data: ImageDataset, remap: bool) -> CMatrix:
@@ -51,19 +64,13 @@ def _proxy_cmatrix(path: str, data: ImageDataset, remap: bool) -> CMatrix:
     return cmatrix
 
 
-def _teacher(run_dir: str, data: ImageDataset) -> tuple[nn.Module, str]:
-    teacher, teacher_config = load_run_model(run_dir)
-    if list(teacher_config["class_names"]) != list(data.class_names):
-        raise KDError(
-            f"teacher {run_dir} was trained on classes {teacher_config['class_names'][:5]}..., "
-            f"the dataset has {list(data.class_names)[:5]}...: train the student on the teacher's dataset"
-        )
-    if (teacher_config["in_channels"], teacher_config["image_size"]) != (data.channels, data.image_size):
-        raise KDError(
-            f"teacher {run_dir} sees {teacher_config['in_channels']}x{teacher_config['image_size']}px images, "
-            f"the dataset gives {data.channels}x{data.image_size}px: pass --image-size {teacher_config['image_size']}"
-        )
-    return teacher, teacher_config["model"]
+def _teacher(config: StudentConfig, pretrained: PretrainedTeacher | None, data: ImageDataset) -> Teacher:
+    """The KD teacher for `data`: a pretrained classifier behind its input adapter, or a run's network."""
+    if pretrained is not None:
+        return pretrained.build(data)
+    teacher, teacher_config = load_run_teacher(config.teacher)
+    check_run_teacher_fits(config.teacher, teacher_config, data)
+    return teacher
 
 
 def distill(config: StudentConfig) -> Path:
@@ -79,15 +86,24 @@ def distill(config: StudentConfig) -> Path:
             f"with {NEED_FLAG[need]} use --method {' or '.join(method_names('student', need))}"
         )
     params = resolve_params(cls, config.method_params)
+    extra_config = {"mode": MODE[need]}
+    pretrained = None
+    # Files are read and validated before any data is.
     if need == "cmatrix":
-        load_cmatrix(config.proxy)  # validate the file before any data is read
+        load_cmatrix(config.proxy)
+    elif config.teacher_model:
+        pretrained = load_pretrained_teacher(
+            config.teacher_model, config.teacher_weights, config.teacher_image_size, config.teacher_classes
+        )
+        extra_config.update(pretrained.record())
 
     def make_method(data: ImageDataset) -> Method:
         setup = Setup(data.num_classes, tuple(data.class_names), params)
         if need == "cmatrix":
             setup.cmatrix = _proxy_cmatrix(config.proxy, data, params["remap_by_name"])
         elif need == "teacher":
-            setup.teacher, setup.teacher_model = _teacher(config.teacher, data)
+            teacher = _teacher(config, pretrained, data)
+            setup.teacher, setup.teacher_model = teacher.net, teacher.model
         return cls(setup)
 
-    return run_stage("student", config, {"mode": MODE[need]}, cls, make_method)
+    return run_stage("student", config, extra_config, cls, make_method)

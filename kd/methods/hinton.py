@@ -6,6 +6,11 @@ The weights are named explicitly because torchdistill's and RepDistiller's "alph
 opposite things. The teacher lives in this module (frozen, always in eval mode, under
 no_grad) and runs on the same augmented batch as the student; on every 5th batch its forward
 pass is timed, which gives the share of training time the teacher costs.
+
+The teacher is either a run directory's network (`--teacher RUN_DIR`), which takes the batch as
+it is, or a pretrained timm / torchvision classifier (`--teacher-model NAME --teacher-weights
+FILE`) behind its input adapter (`kd.pretrained.AdaptedTeacher`: de-normalise, resize,
+re-normalise); the adapter is part of the teacher's forward pass, so its cost is timed with it.
 """
 
 from __future__ import annotations

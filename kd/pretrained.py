@@ -1,0 +1,494 @@
+"""Teacher networks: a trained run directory, or a pretrained timm / torchvision classifier.
+
+Both are a `Teacher`: a network that takes the dataset's normalised batches, plus what run
+cards and C-matrix files say about it. A run's teacher was trained on this data, so it is fed
+the batches as they are. A pretrained classifier has its own input size and normalisation;
+`TeacherInput` adapts each batch to it: de-normalise with the data's mean and std (back to
+[0, 1] pixels), resize to the teacher's input size (bilinear, antialiased), convert gray to RGB
+(repeat) or RGB to gray (luminance), and normalise with the teacher's mean and std.
+
+Pretrained teachers are named `timm:NAME` or `tv:NAME` (torchvision); a bare NAME is a timm
+model if timm knows it, else a torchvision classification model. Their weights come from a
+local file only (nothing is ever downloaded): a safetensors file, or a PyTorch state dict read
+with `torch.load(weights_only=True)` (also inside a checkpoint dict under "state_dict",
+"model" or "model_state_dict"). Class names travel in the safetensors metadata key
+`class_names` (a JSON list, as in C-matrix files), in a checkpoint dict's "class_names" entry,
+or in a text file with one name per line (`--teacher-classes`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd.errors import KDError, one_line
+
+if TYPE_CHECKING:
+    from kd.datasets import ImageDataset
+
+TIMM_PREFIX = "timm:"
+TORCHVISION_PREFIXES = ("tv:", "torchvision:")
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_SIZE = 224
+LUMINANCE = (0.299, 0.587, 0.114)  # RGB -> gray, as PIL's "L" mode
+
+TEACHER_MODEL_HELP = (
+    "Pretrained classifier as teacher (with --teacher-weights FILE; nothing is downloaded): timm:NAME or tv:NAME "
+    "(torchvision); a bare NAME is timm's if timm knows it, else torchvision's (resnet18 is timm's, tv:resnet18 "
+    "torchvision's). A timm tag (NAME.TAG) picks that tag's input size and normalisation."
+)
+TEACHER_WEIGHTS_HELP = (
+    "Weights of --teacher-model: a safetensors file, or a PyTorch state dict (torch.load weights_only; also a "
+    "checkpoint dict holding it under state_dict, model or model_state_dict). Its output size must be the "
+    "dataset's class count; class names in it (safetensors metadata key class_names, a JSON list) must match the dataset's."
+)
+TEACHER_IMAGE_SIZE_HELP = (
+    "Side length the --teacher-model sees (default: its own, from timm's pretrained config or torchvision's "
+    "weights metadata). Batches are de-normalised, resized to it and normalised with the teacher's mean and std."
+)
+TEACHER_CLASSES_HELP = (
+    "Text file with the --teacher-model's class names, one per line, in output order (overrides names in the "
+    "weights file); they must equal the dataset's."
+)
+
+
+@dataclass
+class Teacher:
+    """A classifier fed the dataset's normalised batches, and what records say about it."""
+
+    net: nn.Module  # (N, C, H, W) normalised like the data -> (N, K) logits
+    model: str  # its name in run cards and C-matrix files
+    top1: float | None = None  # its recorded test accuracy, if any
+    alpha: float | None = None  # the LS++ / LS mass it was trained with, if any
+    record: dict[str, Any] = field(default_factory=dict)  # config.json / C-matrix provenance
+
+
+# ---------------------------------------------------------------------------------------------
+# a run directory's teacher
+
+
+def load_run_teacher(run_dir: str | os.PathLike) -> tuple[Teacher, dict]:
+    """The network of a finished run, with its top-1 (metrics.json) and alpha; and its config.json."""
+    from kd.rundir import METRICS_FILE, load_run_model, read_run_json
+
+    net, config = load_run_model(run_dir)
+    top1 = None
+    if (Path(run_dir) / METRICS_FILE).is_file():
+        top1 = read_run_json(run_dir, METRICS_FILE, "").get("test_top1")
+    alpha = config.get("alpha")
+    return Teacher(net=net, model=config["model"], top1=top1, alpha=float(alpha) if alpha else None), config
+
+
+def check_run_teacher_fits(run_dir: str | os.PathLike, config: dict, data: ImageDataset) -> None:
+    """A one-line `KDError` unless the run's teacher was trained on the data's classes and geometry."""
+    if list(config["class_names"]) != list(data.class_names):
+        raise KDError(
+            f"teacher {run_dir} was trained on classes {config['class_names'][:5]}..., "
+            f"the dataset has {list(data.class_names)[:5]}...: train the student on the teacher's dataset"
+        )
+    if (config["in_channels"], config["image_size"]) != (data.channels, data.image_size):
+        raise KDError(
+            f"teacher {run_dir} sees {config['in_channels']}x{config['image_size']}px images, "
+            f"the dataset gives {data.channels}x{data.image_size}px: pass --image-size {config['image_size']}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# model names and input configuration
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A pretrained classifier's library ("timm" or "torchvision") and name."""
+
+    library: str
+    name: str
+
+    @property
+    def display(self) -> str:
+        return f"{'timm' if self.library == 'timm' else 'tv'}:{self.name}"
+
+
+def _torchvision_classifiers() -> list[str]:
+    import torchvision.models
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def parse_teacher_model(text: str) -> ModelSpec:
+    """`timm:NAME`, `tv:NAME` / `torchvision:NAME`, or a bare NAME (timm first, then torchvision)."""
+    import timm
+
+    name = text.strip()
+    if name.startswith(TIMM_PREFIX):
+        bare = name[len(TIMM_PREFIX):]
+        if not timm.is_model(bare):
+            raise KDError(f"--teacher-model {text}: timm has no model {bare!r} (see timm.list_models())")
+        return ModelSpec("timm", bare)
+    for prefix in TORCHVISION_PREFIXES:
+        if name.startswith(prefix):
+            bare = name[len(prefix):]
+            if bare not in _torchvision_classifiers():
+                raise KDError(
+                    f"--teacher-model {text}: torchvision has no classification model {bare!r} "
+                    "(see torchvision.models.list_models(module=torchvision.models))"
+                )
+            return ModelSpec("torchvision", bare)
+    if name and timm.is_model(name):
+        return ModelSpec("timm", name)
+    if name in _torchvision_classifiers():
+        return ModelSpec("torchvision", name)
+    raise KDError(
+        f"--teacher-model {text}: neither a timm model (timm.list_models()) nor a torchvision classification "
+        "model; name it timm:NAME or tv:NAME"
+    )
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What a teacher network takes: channels, (height, width), per-channel mean and std in [0, 1] units."""
+
+    channels: int
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"channels": self.channels, "size": list(self.size), "mean": list(self.mean), "std": list(self.std)}
+
+
+def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    return values * channels if len(values) == 1 else values
+
+
+def teacher_input_config(spec: ModelSpec, image_size: int | None = None) -> InputConfig:
+    """The teacher's own input size and normalisation (timm: its pretrained config; torchvision: its
+    weights' transforms metadata, else ImageNet's 224 px), with `image_size` overriding the size."""
+    if image_size is not None and image_size < 1:
+        raise KDError(f"--teacher-image-size must be a positive integer, got {image_size}")
+    if spec.library == "timm":
+        import timm
+        from timm.data import resolve_data_config
+
+        pretrained_cfg = timm.get_pretrained_cfg(spec.name)
+        cfg = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg is not None else {})
+        channels, height, width = (int(v) for v in cfg["input_size"])
+        mean, std = cfg["mean"], cfg["std"]
+    else:
+        channels, height, width, mean, std = 3, IMAGENET_SIZE, IMAGENET_SIZE, IMAGENET_MEAN, IMAGENET_STD
+        try:
+            import torchvision.models
+
+            transforms = torchvision.models.get_model_weights(spec.name).DEFAULT.transforms()
+            height = width = int(transforms.crop_size[0])
+            mean, std = transforms.mean, transforms.std
+        except (ValueError, KeyError, AttributeError, IndexError, TypeError):
+            pass  # no weights metadata for this model: ImageNet's defaults
+    if image_size is not None:
+        height = width = image_size
+    return InputConfig(channels, (height, width), _per_channel(mean, channels), _per_channel(std, channels))
+
+
+class TeacherInput(nn.Module):
+    """The data's normalised batches -> the teacher's input (see the module docstring)."""
+
+    def __init__(self, data_mean: Sequence[float], data_std: Sequence[float], teacher: InputConfig) -> None:
+        super().__init__()
+        self.size = tuple(teacher.size)
+        self.channels = teacher.channels
+
+        def column(values: Sequence[float]) -> torch.Tensor:
+            return torch.tensor([float(v) for v in values], dtype=torch.float32).view(1, -1, 1, 1)
+
+        # Not persistent: checkpoints of a KD run hold the networks' weights only.
+        self.register_buffer("data_mean", column(data_mean), persistent=False)
+        self.register_buffer("data_std", column(data_std), persistent=False)
+        self.register_buffer("teacher_mean", column(teacher.mean), persistent=False)
+        self.register_buffer("teacher_std", column(teacher.std), persistent=False)
+        self.register_buffer("luminance", column(LUMINANCE), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.float() * self.data_std + self.data_mean
+        if tuple(pixels.shape[-2:]) != self.size:
+            pixels = F.interpolate(pixels, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        if pixels.shape[1] == 1 and self.channels == 3:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        elif pixels.shape[1] == 3 and self.channels == 1:
+            pixels = (pixels * self.luminance).sum(dim=1, keepdim=True)
+        return (pixels - self.teacher_mean) / self.teacher_std
+
+
+class AdaptedTeacher(nn.Module):
+    """A pretrained network behind its input adapter: `net(adapter(images))`."""
+
+    def __init__(self, adapter: TeacherInput, net: nn.Module) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.adapter(images))
+
+
+# ---------------------------------------------------------------------------------------------
+# weights files
+
+
+@dataclass
+class TeacherWeights:
+    """A weights file read into a state dict, with the class names it carries and its SHA-256."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    class_names: list[str] | None
+    sha256: str
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length and then the JSON header's '{'."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _names_from(value: Any, where: str) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(n, str) and n for n in value):
+        raise KDError(f"{where}: class_names must be a non-empty list of non-empty strings")
+    return list(value)
+
+
+def _read_safetensors(path: Path, where: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            metadata = reader.metadata() or {}
+            state = {key: reader.get_tensor(key) for key in reader.keys()}
+    except Exception as error:  # safetensors raises several types for a bad file
+        raise KDError(f"{where}: not a valid safetensors file (truncated or corrupt? {one_line(error, 80)})") from None
+    names = None
+    if "class_names" in metadata:
+        try:
+            names = _names_from(json.loads(metadata["class_names"]), where)
+        except ValueError:
+            raise KDError(f"{where}: metadata class_names is not valid JSON (expected a JSON list of strings)") from None
+    return state, names
+
+
+def _torch_load_problem(error: Exception) -> str:
+    """The gist of a failed `torch.load(weights_only=True)` (its message is a page long)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker not in text:
+        return f"{type(error).__name__}: {one_line(error, 80)}"
+    detail = one_line(text.split(marker, 1)[1].split("Check the documentation", 1)[0]).split(". ")[0]
+    if "Unsupported global" in detail:
+        return f"it pickles objects, not only tensors: {one_line(detail, 60)}; save the state_dict() instead"
+    return f"weights_only=True cannot read it: {one_line(detail, 60)}"
+
+
+def _read_torch(path: Path, where: str) -> tuple[dict[str, Any], list[str] | None]:
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and EOF errors of a corrupt or non-weights file
+        raise KDError(
+            f"{where}: neither a safetensors file nor a PyTorch state dict ({_torch_load_problem(error)})"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise KDError(f"{where}: holds a {type(loaded).__name__}, not a state dict")
+    names = _names_from(loaded["class_names"], where) if "class_names" in loaded else None
+    for key in STATE_DICT_KEYS:
+        if isinstance(loaded.get(key), dict):
+            return loaded[key], names
+    return {key: value for key, value in loaded.items() if key != "class_names"}, names
+
+
+def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def read_teacher_weights(path: str | os.PathLike) -> TeacherWeights:
+    """Read a teacher's weights file (see the module docstring); every problem is a one-line `KDError`."""
+    from kd.cmatrix import file_sha256
+
+    file = Path(path)
+    where = f"--teacher-weights {path}"
+    if not file.exists():
+        raise KDError(f"{where}: file not found")
+    if file.is_dir():
+        raise KDError(f"{where}: is a directory, not a weights file")
+    try:
+        reader = _read_safetensors if _is_safetensors(file) else _read_torch
+    except OSError as error:
+        raise KDError(f"{where}: cannot read the file ({error.strerror or error})") from None
+    state, names = reader(file, where)
+    if not isinstance(state, dict) or not state:
+        raise KDError(f"{where}: holds no tensors")
+    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise KDError(f"{where}: entry {str(not_tensors[0])!r} is not a tensor; expected a state dict of tensors")
+    return TeacherWeights(file, _strip_wrapper_prefixes(state), names, file_sha256(file))
+
+
+def read_class_names_file(path: str | os.PathLike) -> list[str]:
+    """Class names from a text file, one per line (surrounding spaces and blank lines ignored)."""
+    where = f"--teacher-classes {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KDError(f"{where}: file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise KDError(f"{where}: cannot read it as UTF-8 text ({one_line(error, 80)})") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise KDError(f"{where}: no class names in it (one per line)")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# a pretrained teacher
+
+
+def _build_network(spec: ModelSpec, num_classes: int) -> nn.Module:
+    try:
+        if spec.library == "timm":
+            import timm
+
+            return timm.create_model(spec.name, pretrained=False, num_classes=num_classes)
+        import torchvision.models
+
+        return torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes)
+    except (ValueError, TypeError, AssertionError, RuntimeError) as error:
+        raise KDError(f"teacher {spec.display} cannot be built with {num_classes} classes: {one_line(error, 120)}") from None
+
+
+def _load_weights(net: nn.Module, weights: TeacherWeights, spec: ModelSpec, num_classes: int) -> None:
+    """Load `weights` into `net` (built for `num_classes`), explaining a class-count or layout mismatch."""
+    expected = net.state_dict()
+    state = weights.state
+    mismatched = [
+        (key, tuple(value.shape), tuple(expected[key].shape))
+        for key, value in state.items() if key in expected and value.shape != expected[key].shape
+    ]
+    head_sizes = {
+        got[0] for _, got, want in mismatched
+        if got and want and want[0] == num_classes and got[1:] == want[1:]
+    }
+    if mismatched and len(head_sizes) == 1 and all(got[1:] == want[1:] for _, got, want in mismatched):
+        raise KDError(
+            f"teacher {spec.display} ({weights.path}) outputs {head_sizes.pop()} classes, "
+            f"the dataset has {num_classes}: use weights trained for this dataset's classes"
+        )
+    missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state if key not in expected]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (first {missing[0]!r})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first {unexpected[0]!r})")
+    if mismatched:
+        key, got, want = mismatched[0]
+        problems.append(f"{len(mismatched)} of another shape (first {key!r}: {list(got)} in the file, {list(want)} in the model)")
+    if problems:
+        raise KDError(f"--teacher-weights {weights.path}: do not fit {spec.display}: tensors {'; '.join(problems)}")
+    net.load_state_dict(state, strict=False)  # the only keys left out are num_batches_tracked counters
+
+
+def check_teacher_class_names(names: Sequence[str] | None, data_names: Sequence[str], where: str) -> None:
+    """A one-line `KDError` naming the first difference between the teacher's class names and the data's."""
+    if names is None:
+        return
+    if len(names) != len(data_names):
+        raise KDError(f"{where} lists {len(names)} class names, the dataset has {len(data_names)} classes")
+    for index, (ours, theirs) in enumerate(zip(names, data_names)):
+        if ours != theirs:
+            raise KDError(
+                f"teacher class {index} is {ours!r} ({where}) but the dataset's class {index} is {theirs!r}: "
+                "the teacher's classes or their order differ from the dataset's"
+            )
+
+
+@dataclass
+class PretrainedTeacher:
+    """A pretrained teacher read and checked before any data is: its name, input, weights, class names."""
+
+    spec: ModelSpec
+    input: InputConfig
+    weights: TeacherWeights
+    class_names: list[str] | None
+    class_names_from: str  # where the names came from, for error messages
+
+    def record(self) -> dict[str, Any]:
+        """What config.json and C-matrix provenance record about the teacher."""
+        return {
+            "teacher_model": self.spec.display,
+            "teacher_weights": str(self.weights.path.expanduser().resolve()),
+            "teacher_weights_sha256": self.weights.sha256,
+            "teacher_input": self.input.to_dict(),
+        }
+
+    def build(self, data: ImageDataset) -> Teacher:
+        """The network with its weights, behind an adapter from `data`'s batches; checked against its classes."""
+        net = _build_network(self.spec, data.num_classes)
+        _load_weights(net, self.weights, self.spec, data.num_classes)
+        check_teacher_class_names(self.class_names, data.class_names, self.class_names_from)
+        _dry_forward(net, self.spec, self.input, data.num_classes)
+        adapted = AdaptedTeacher(TeacherInput(data.mean, data.std, self.input), net.eval())
+        return Teacher(net=adapted.eval(), model=self.spec.display, record=self.record())
+
+
+def _dry_forward(net: nn.Module, spec: ModelSpec, config: InputConfig, num_classes: int) -> None:
+    """Two blank images through the network: a size it cannot take fails here, in one line."""
+    height, width = config.size
+    net.eval()
+    try:
+        with torch.no_grad():
+            output = net(torch.zeros(2, config.channels, height, width))
+    except Exception as error:  # noqa: BLE001 - any failure means the network does not take this input
+        raise KDError(
+            f"teacher {spec.display} cannot run on {config.channels}x{height}x{width} inputs "
+            f"({one_line(error, 120)}); pass --teacher-image-size N with a size it takes"
+        ) from None
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, num_classes):
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise KDError(f"teacher {spec.display} gives outputs {shape} for 2 images, not logits of shape (2, {num_classes})")
+
+
+def check_pretrained_flags(
+    model: str | None, weights: str | None, image_size: int | None = None, classes_file: str | None = None
+) -> None:
+    """A one-line `KDError` for --teacher-model without --teacher-weights, or its other flags without it."""
+    if model is not None and weights is None:
+        raise KDError("--teacher-model needs --teacher-weights FILE (its weights; nothing is downloaded)")
+    given = [flag for flag, value in (("--teacher-weights", weights), ("--teacher-image-size", image_size),
+                                      ("--teacher-classes", classes_file)) if value is not None]
+    if model is None and given:
+        raise KDError(f"{given[0]} belongs to --teacher-model NAME, which was not given")
+
+
+def load_pretrained_teacher(
+    model: str, weights: str | os.PathLike, image_size: int | None = None, classes_file: str | os.PathLike | None = None
+) -> PretrainedTeacher:
+    """Parse the model name and read its weights (and class names); `.build(data)` makes the `Teacher`."""
+    spec = parse_teacher_model(model)
+    input_config = teacher_input_config(spec, image_size)
+    read = read_teacher_weights(weights)
+    if classes_file is not None:
+        names, names_from = read_class_names_file(classes_file), f"--teacher-classes {classes_file}"
+    else:
+        names, names_from = read.class_names, f"--teacher-weights {weights}"
+    return PretrainedTeacher(spec, input_config, read, names, names_from)
