@@ -73,7 +73,8 @@ class RunConfig:
 # method parameter.
 RESUME_KEYS = (
     "stage", "model", "dataset", "dataset_name", "num_classes", "class_names", "in_channels", "image_size",
-    "method", "mode", "proxy", "teacher", "augment", "augment_options", "train_per_class", "val_split",
+    "method", "mode", "proxy", "teacher", "teacher_model", "teacher_weights_sha256", "augment", "augment_options",
+    "train_per_class", "val_split",
     "seed", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "mixed_precision", "world_size",
     "data_fingerprint", *all_param_names(),
 )
