@@ -169,3 +169,25 @@ def test_skip_bad_images_counts_what_it_left_out(tmp_path):
     assert "broken.png" in result.stdout  # the note naming the first skipped file
     config, metrics = read_run(tmp_path / "lenient")
     assert metrics["skipped_images"] == 1 and config["skip_bad_images"] is True
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_top_level_help_and_version_import_no_torch(flag):
+    """`kd --help` and `kd --version` answer at once: the commands' modules (torch, timm) load only when used."""
+    code = (
+        "import sys\nsys.argv = ['kd', %r]\nfrom cli.entry import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch loaded:', 'torch' in sys.modules)\n" % flag
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().endswith("torch loaded: False"), result.stdout + result.stderr
+
+
+def test_the_listed_help_of_every_lazy_command_is_its_own():
+    import importlib
+
+    from cli.main import COMMANDS
+
+    for name, (target, listed) in COMMANDS.items():
+        module, attribute = target.split(":")
+        command = getattr(importlib.import_module(module), attribute)
+        assert command.get_short_help_str(limit=1000) == listed, name
