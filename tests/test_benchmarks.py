@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,31 @@ def test_paper_experiments_runner_fills_every_table_and_skips_finished_runs(tmp_
 def test_flip_digits_benchmark_runs(tmp_path):
     run_script("benchmarks/flip_digits.py", "--seeds", "0", "--epochs", "1", "--results-dir", str(tmp_path))
     assert len(json.loads((tmp_path / "flip_digits.json").read_text())["results"]) == 2
+
+
+def test_throughput_benchmark_smoke_measures_every_part(tmp_path):
+    run_script("benchmarks/throughput.py", "all", "--smoke", "--results-dir", str(tmp_path))
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    assert list(report["parts"]) == ["teacher", "loss", "students", "memory", "startup", "first-step"]
+
+    def numbers(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from numbers(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from numbers(item)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield value
+
+    for name, part in report["parts"].items():
+        values = list(numbers(part["results"]))
+        assert values and all(math.isfinite(v) and v > 0 for v in values), name
+        assert part["smoke"] and part["machine"]["torch_threads"] >= 1
+    parts = report["parts"]
+    assert set(parts["teacher"]["results"]) == {"alexnet", "lenet"}
+    assert set(parts["loss"]["results"]["loss_only"]["10"]["step_seconds"]) == {"ce", "lspp", "reference"}
+    assert {"ratio_proxy_over_plain", "ratio_kd_over_plain"} <= set(parts["students"]["results"])
+    assert len(parts["startup"]["results"]) == 4
+    markdown = (tmp_path / "throughput.md").read_text()
+    assert all(f"## {name}:" in markdown for name in parts) and "SMOKE RUN" in markdown
