@@ -111,6 +111,9 @@ class FitConfig:
     augment: AugmentOptions | None = None  # None: the dataset's default augmentations
     # Validation (needs `data.val`): every `eval_every` epochs and after the last one; None: every epoch.
     eval_every: int | None = None
+    # Convolutional networks in channels-last memory format (NHWC): oneDNN's and cuDNN's faster layout.
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the network (in place: parameter names stay the same)
 
     @property
     def checkpointing(self) -> bool:
@@ -261,9 +264,20 @@ def _synchronize(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
-    """Peak memory in MiB: CUDA allocator peak on a GPU, the process's peak RSS on the CPU."""
+    """Peak memory in MiB: CUDA allocator peak on a GPU, the process's peak RSS on the CPU.
+
+    On Linux the peak RSS is VmHWM: getrusage's ru_maxrss survives exec, so a run started
+    from a large process (a benchmark holding torch) would report at least that process's size.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, "cpu_peak_rss"
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
 
 
@@ -608,6 +622,10 @@ def fit(module: TrainModule, data: ImageDataset, config: FitConfig, accelerator:
     total_steps = steps_per_epoch * config.epochs
     plan = _Plan(steps_per_epoch, total_steps if config.max_steps is None else min(total_steps, config.max_steps))
 
+    if config.channels_last and any(isinstance(part, nn.Conv2d) for part in module.net.modules()):
+        module.net.to(memory_format=torch.channels_last)
+    if config.compile:
+        module.net.compile()
     optimizer = build_optimizer(module, config.lr, config.weight_decay, config.momentum)
     schedule = WarmupCosine(plan.total_steps, warmup_steps=round(config.warmup_fraction * plan.total_steps))
     # Stepped by hand once per optimizer step: Accelerate's wrapper would step it once per

@@ -45,6 +45,8 @@ class RunConfig:
     val_split: float | None = None  # a seeded, stratified validation split carved out of train
     eval_every: int | None = None  # epochs between validations (needs val_split; default every epoch)
     log_with: str | None = None  # Accelerate trackers, comma-separated ("tensorboard", "wandb", ...)
+    channels_last: bool = True  # convolutional networks in NHWC memory format (speed only)
+    compile: bool = False  # torch.compile the network (speed only; compiling takes a while)
     model: str = "small_cnn"
     epochs: int = 30
     batch_size: int = 64
@@ -275,7 +277,7 @@ def run_stage(
         run_dir=str(work), checkpoint_every_epochs=config.checkpoint_every,
         checkpoint_every_steps=config.checkpoint_every_steps,
         resume_from=str(resume_from) if resume_from is not None else None,
-        augment=augment, eval_every=config.eval_every,
+        augment=augment, eval_every=config.eval_every, channels_last=config.channels_last, compile=config.compile,
     )
     try:
         result = fit(TrainModule(net, method), data, fit_config, accelerator, desc=stage)
