@@ -82,11 +82,14 @@ def log_targets(labels: torch.Tensor, log_c: torch.Tensor, alpha: float) -> torc
         log_s = F.one_hot(labels.long(), num_classes).float().log()
     else:
         log_s = labels.float().log()
-        # log (s @ C)_k = logsumexp_j (log s_j + log C_jk). A column where every term is -inf
-        # (s = onehot(k) meets C's zero diagonal) would give a NaN gradient, so the sum runs
-        # over finite stand-ins whose exp is exactly 0.
+        # log (s @ C)_k = logsumexp_j (log s_j + log C_jk), over the classes j present in the
+        # batch only (a class with s_j = 0 everywhere adds exp(-inf) = 0): N x P x K instead of
+        # N x K x K, which at K = 1000 would be half a gigabyte. A column where every term is
+        # -inf (s = onehot(k) meets C's zero diagonal) would give a NaN gradient, so the sum
+        # runs over finite stand-ins whose exp is exactly 0.
+        present = torch.nonzero((labels > 0).any(dim=0)).flatten()
         log_mixed = torch.logsumexp(
-            log_s.clamp(min=_LOG_ZERO).unsqueeze(2) + log_c.clamp(min=_LOG_ZERO).unsqueeze(0), dim=1
+            log_s[:, present].clamp(min=_LOG_ZERO).unsqueeze(2) + log_c[present].clamp(min=_LOG_ZERO).unsqueeze(0), dim=1
         )
     if alpha == 0.0:
         return log_s
@@ -124,7 +127,8 @@ def mix_targets(labels: torch.Tensor, cmatrix: torch.Tensor, alpha: float) -> to
     if labels.dim() == 1:
         return (1.0 - alpha) * F.one_hot(labels.long(), num_classes).to(cmatrix.dtype) + alpha * cmatrix[labels.long()]
     soft = labels.to(cmatrix.dtype)
-    return (1.0 - alpha) * soft + alpha * (soft @ cmatrix)
+    present = torch.nonzero((soft > 0).any(dim=0)).flatten()  # only the batch's classes: N x P @ P x K
+    return (1.0 - alpha) * soft + alpha * (soft[:, present] @ cmatrix[present])
 
 
 def soft_target_cross_entropy(net_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

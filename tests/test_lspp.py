@@ -235,3 +235,31 @@ def test_batch_rows_path_equals_the_whole_matrix_path(k, c_loss):
         torch.testing.assert_close(terms[name], value, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast[0], net_logits.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(fast[1], c_logits.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_soft_label_targets_use_only_the_batch_classes_and_equal_the_whole_matrix_path():
+    """Mixup-style distributions over a few of K classes: the same targets and gradients as s @ C over all K."""
+    from kd.lspp import log_targets, mix_targets
+
+    k = 40
+    generator = torch.Generator().manual_seed(3)
+    c_logits = (torch.randn(k, k - 1, generator=generator) * 2).requires_grad_()
+    classes = torch.tensor([3, 7, 19, 31])
+    soft = torch.zeros(6, k)
+    weights = torch.rand(6, generator=generator)
+    soft[torch.arange(6), classes[torch.arange(6) % 4]] = weights
+    soft[torch.arange(6), classes[(torch.arange(6) + 1) % 4]] += 1 - weights
+    soft[5] = 0.0
+    soft[5, 7] = 1.0  # a one-hot row among the mixed ones
+    log_t = log_targets(soft, log_cmatrix_from_logits(c_logits), 0.1)
+    (log_t.exp() * torch.arange(k)).sum().backward()
+    grad = c_logits.grad.clone()
+
+    c = cmatrix_from_logits(c_logits.detach()).double()
+    expected = 0.9 * soft.double() + 0.1 * soft.double() @ c
+    torch.testing.assert_close(log_t.exp().double(), expected, rtol=1e-5, atol=1e-7)
+    c_logits.grad = None
+    whole = 0.9 * soft + 0.1 * soft @ cmatrix_from_logits(c_logits)  # the whole-matrix product, in probabilities
+    (whole * torch.arange(k)).sum().backward()
+    torch.testing.assert_close(grad, c_logits.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mix_targets(soft, c.float(), 0.1).double(), expected, rtol=1e-5, atol=1e-7)
