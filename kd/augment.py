@@ -39,8 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from kd.errors import KDError
 
@@ -241,13 +239,23 @@ class HorizontalFlip:
 
 def _affine(image: Tensor, *, translate: Sequence[int] = (0, 0), shear: Sequence[float] = (0.0, 0.0),
             center: list[int] | None = None) -> Tensor:
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
     return F.affine(image, angle=0.0, translate=list(translate), scale=1.0, shear=list(shear),
                     interpolation=InterpolationMode.NEAREST, fill=None, center=center)
 
 
 def _randaugment_ops() -> tuple[tuple[str, Callable[[int, int], Tensor] | None, bool, Callable[[Tensor, float], Tensor]], ...]:
     """torchvision's RandAugment space (v2.RandAugment._AUGMENTATION_SPACE, same order and ranges):
-    (name, magnitudes(height, width) over the 31 levels or None, signed, apply(images, magnitude))."""
+    (name, magnitudes(height, width) over the 31 levels or None, signed, apply(images, magnitude)).
+
+    torchvision is imported here and in `_affine`, not with this module: it costs seconds that
+    runs without RandAugment never need.
+    """
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
     bins = RANDAUGMENT_LEVELS
 
     def levels(low: float, high: float) -> Callable[[int, int], Tensor]:
@@ -477,6 +485,9 @@ class StreamingResizedCrop:
 
     def __call__(self, image: Any, index: int) -> Tensor:
         """A PIL image -> uint8 C x size x size tensor, cropped as sample `index` draws."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
         top, left, h, w = self.box(image.width, image.height, index)
         image = F.resized_crop(image, top, left, h, w, [self.size, self.size],
                                interpolation=InterpolationMode.BILINEAR, antialias=True)

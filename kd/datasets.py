@@ -23,7 +23,6 @@ from the first one; hidden folders (``.ipynb_checkpoints``) are not classes.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
@@ -37,7 +36,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import ImageFolder
 
 from kd import datacache
 from kd.augment import default_augment
@@ -601,67 +599,6 @@ def _read_headers(
     return headers, _run_chunks(_HeaderChunks(files, chunk), desc, skip_bad, take)
 
 
-class StreamingImageFolder(ImageFolder):
-    """torchvision's ImageFolder over an already-checked (path, label) list (no second directory walk).
-
-    Samples are (uint8 C x S x S tensor, label): `transform` (one argument, torchvision's
-    convention) makes the tensor, unless `with_transform` gave a copy a transform of
-    (image, sample index), such as the seeded training crop of `kd.augment.StreamingResizedCrop`.
-    An unreadable file is a one-line KDError naming it; with `skip_bad` the next readable sample
-    stands in for it (and a line on stderr names it). Module-level so DataLoader workers started
-    with spawn or forkserver can unpickle it.
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        class_names: list[str],
-        samples: list[tuple[str, int]],
-        transform: Callable,
-        loader: Callable,
-        skip_bad: bool = False,
-    ) -> None:
-        self._kd_class_names = list(class_names)
-        self._kd_samples = list(samples)
-        self._kd_skip_bad = skip_bad
-        self._kd_indexed_transform: Callable[[Any, int], torch.Tensor] | None = None
-        super().__init__(str(root), transform=transform, loader=loader)
-
-    def subset(self, indices: Sequence[int]) -> StreamingImageFolder:
-        """A copy over the samples at `indices` only (in that order)."""
-        twin = copy.copy(self)
-        twin.samples = twin.imgs = [self.samples[i] for i in indices]
-        twin.targets = [label for _, label in twin.samples]
-        return twin
-
-    def with_transform(self, transform: Callable[[Any, int], torch.Tensor]) -> StreamingImageFolder:
-        """A copy (sharing the sample list) whose samples are `transform(image, index)`."""
-        twin = copy.copy(self)
-        twin._kd_indexed_transform = transform
-        return twin
-
-    def find_classes(self, directory: Any) -> tuple[list[str], dict[str, int]]:
-        return list(self._kd_class_names), {name: i for i, name in enumerate(self._kd_class_names)}
-
-    def make_dataset(self, directory: Any, *args: Any, **kwargs: Any) -> list[tuple[str, int]]:
-        return list(self._kd_samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        for step in range(len(self.samples) if self._kd_skip_bad else 1):
-            path, label = self.samples[(index + step) % len(self.samples)]
-            try:
-                image = self.loader(path)
-                if self._kd_indexed_transform is not None:
-                    return self._kd_indexed_transform(image, index), label
-                return (self.transform(image) if self.transform is not None else image), label
-            except Exception as error:  # the loader's KDError, or a transform's failure on this file
-                failure = _image_error(path, error)
-                if not self._kd_skip_bad:
-                    raise failure from None
-                print(f"kd: warning: {failure}; skipped (--skip-bad-images)", file=sys.stderr, flush=True)
-        raise KDError(f"no readable image in {self.root}")
-
-
 def _train_labels(data: ImageDataset) -> torch.Tensor:
     return data.train.labels if isinstance(data.train, InMemorySplit) else torch.tensor(data.train.targets)
 
@@ -833,6 +770,8 @@ def _streaming_dataset(
 ) -> ImageDataset:
     from torchvision import transforms as T
 
+    from kd.streaming import StreamingImageFolder
+
     loader = partial(_streaming_loader, channels=channels)
     # Both splits: the evaluation view (resize to size / 0.875, centre crop). Training with the
     # crop augmentation swaps in `kd.augment.StreamingResizedCrop` (see `kd.loader`).
@@ -873,3 +812,13 @@ def dataset_class_names(name: str, data_dir: str | os.PathLike | None = None) ->
     if not (root / "train").is_dir():
         raise KDError(f"no train/ folder in {root}; expected train/<class>/<images>")
     return _class_folders(root / "train")
+
+
+def __getattr__(name: str) -> Any:
+    # `kd.datasets.StreamingImageFolder` lives in `kd.streaming` (it subclasses torchvision's
+    # ImageFolder, and importing torchvision costs seconds that in-memory runs never need).
+    if name == "StreamingImageFolder":
+        from kd.streaming import StreamingImageFolder
+
+        return StreamingImageFolder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ per-epoch mean of every loss part the method returns.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import resource
 import shutil
@@ -14,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,6 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -219,6 +220,37 @@ class TrainState:
         self.epoch_start_seconds = float(state.get("epoch_start_seconds", self.train_seconds))
         self.batches.generator.set_state(self.generator_states[self.rank])
         self.method.load_rank_state(self.method_states[self.rank])
+
+
+def param_groups_weight_decay(
+    module: nn.Module, weight_decay: float, no_weight_decay_list: Collection[str] = ()
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups as timm's `timm.optim.param_groups_weight_decay` makes them.
+
+    Trainable parameters with ndim <= 1, a name ending in ".bias", or a name matching a pattern
+    of `no_weight_decay_list` (fnmatch) get weight decay 0, the others `weight_decay`; with a
+    zero `weight_decay` all are in the first group. Groups: no-decay first, then decay, empty
+    ones left out; parameters in `named_parameters()` order. The same groups in the same order
+    as timm's, without importing timm (and with it torchvision) for every run.
+    """
+    no_decay: list[nn.Parameter] = []
+    decay: list[nn.Parameter] = []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        excluded = (
+            not weight_decay
+            or param.ndim <= 1
+            or name.endswith(".bias")
+            or any(fnmatch.fnmatch(name, pattern) for pattern in no_weight_decay_list)
+        )
+        (no_decay if excluded else decay).append(param)
+    groups: list[dict[str, Any]] = []
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    return groups
 
 
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:

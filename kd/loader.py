@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kd.augment import AugmentOptions, StreamingResizedCrop, build_pipeline
-from kd.datasets import ImageDataset, InMemorySplit, StreamingImageFolder
+from kd.datasets import ImageDataset, InMemorySplit
 from kd.errors import KDError
 
 
@@ -180,6 +180,9 @@ class DeviceBatches:
             return
         source = self.source
         if self.augment_options is not None and "crop" in self.augment_options.names:
+            # Here, not at the top: kd.streaming imports torchvision (seconds; in-memory data never needs it).
+            from kd.streaming import StreamingImageFolder
+
             assert isinstance(source, StreamingImageFolder)
             source = source.with_transform(StreamingResizedCrop(self.image_size, self.seed, self.epoch))
         loader = DataLoader(

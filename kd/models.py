@@ -39,8 +39,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import timm
-import torchvision
 from torch import nn
 
 from kd.errors import KDError, one_line
@@ -176,9 +174,17 @@ def _alexnet_cifar3x3(num_classes: int, in_channels: int) -> nn.Module:
     )
 
 
-def _cifar_resnet(factory: Callable[..., nn.Module]) -> Callable[[int, int], nn.Module]:
+def _cifar_resnet(factory_name: str) -> Callable[[int, int], nn.Module]:
+    """A builder for `torchvision.models.<factory_name>` with the CIFAR stem.
+
+    torchvision is imported when the model is built, not with this module: importing it costs
+    seconds (torchvision.ops pulls in torch._dynamo) that runs of the other models never need.
+    """
+
     def build(num_classes: int, in_channels: int) -> nn.Module:
-        model = factory(weights=None, num_classes=num_classes)
+        import torchvision.models
+
+        model = getattr(torchvision.models, factory_name)(weights=None, num_classes=num_classes)
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
@@ -194,10 +200,10 @@ _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "lenet_padded": _lenet_padded,
     "alexnet": _alexnet,
     "alexnet_cifar3x3": _alexnet_cifar3x3,
-    "cifar_resnet18": _cifar_resnet(torchvision.models.resnet18),
-    "cifar_resnet34": _cifar_resnet(torchvision.models.resnet34),
-    "cifar_resnet50": _cifar_resnet(torchvision.models.resnet50),
-    "cifar_resnet101": _cifar_resnet(torchvision.models.resnet101),
+    "cifar_resnet18": _cifar_resnet("resnet18"),
+    "cifar_resnet34": _cifar_resnet("resnet34"),
+    "cifar_resnet50": _cifar_resnet("resnet50"),
+    "cifar_resnet101": _cifar_resnet("resnet101"),
 }
 assert _BUILDERS.keys() == BUILTIN_MODELS.keys()
 assert FIXED_SIZE_MODELS.keys() == _ANY_SIZE_ALTERNATIVE.keys() <= _BUILDERS.keys()
@@ -208,6 +214,8 @@ def _is_int(value: object) -> bool:
 
 
 def _build_timm(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    import timm
+
     kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=in_channels)
     try:
         try:
@@ -221,6 +229,12 @@ def _build_timm(name: str, num_classes: int, in_channels: int, image_size: int) 
             f"timm model '{name}' cannot be built for {in_channels}-channel {image_size}px "
             f"images with {num_classes} classes: {one_line(exc)}"
         ) from exc
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm  # only for names that are not built-ins (timm imports torchvision: seconds)
+
+    return timm.is_model(name)
 
 
 def _check_fixed_size(name: str, image_size: int) -> None:
@@ -252,7 +266,7 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
     if builder is not None:
         _check_fixed_size(name, image_size)
         return builder(num_classes, in_channels)
-    if isinstance(name, str) and name and timm.is_model(name):
+    if isinstance(name, str) and name and _is_timm_model(name):
         return _build_timm(name, num_classes, in_channels, image_size)
     raise KDError(
         f"unknown model {name!r}: use a built-in ({', '.join(BUILTIN_MODELS)}) "

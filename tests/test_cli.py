@@ -191,3 +191,35 @@ def test_the_listed_help_of_every_lazy_command_is_its_own():
         module, attribute = target.split(":")
         command = getattr(importlib.import_module(module), attribute)
         assert command.get_short_help_str(limit=1000) == listed, name
+
+
+def test_training_a_built_in_model_on_in_memory_data_imports_no_torchvision_timm_or_sklearn(tmp_path):
+    """Start-up: the common path (a built-in model, in-memory ImageFolder data, the default
+    crop/flip) never imports torchvision, timm or scikit-learn, and importing the commands does
+    not import torch._dynamo either (torchvision.ops pulls it in; seconds of start-up).
+
+    torch itself imports torch._dynamo when the first optimizer is built (Optimizer.add_param_group
+    is wrapped by torch._disable_dynamo), so after the run only the other three are checked.
+    Decoding PNG/JPEG files in this process uses torchvision.io, so the decoded-data cache
+    (kd.datacache, under the tests' KD_CACHE_DIR, inherited by the child) is filled here first,
+    as a repeated run finds it.
+    """
+    from kd.datasets import load_dataset
+
+    root = make_image_folder(tmp_path / "data")
+    assert load_dataset("imagefolder", root).in_memory
+    code = (
+        "import sys\nfrom cli.main import main\nimport cli.commands\n"
+        "heavy = ('torchvision', 'timm', 'sklearn', 'torch._dynamo')\n"
+        "print('after import:', [m for m in heavy if m in sys.modules])\n"
+        "try:\n    main(%r)\nexcept SystemExit as exit_:\n    assert not exit_.code, exit_.code\n"
+        "print('after run:', [m for m in heavy[:3] if m in sys.modules])\n"
+    ) % [
+        "train-teacher", "--dataset", "imagefolder", "--data-dir", str(root), "--model", "tiny_cnn",
+        "--max-steps", "1", "--batch-size", "8", "--out", str(tmp_path / "run"),
+    ]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "after import: []" in result.stdout, result.stdout + result.stderr
+    assert "after run: []" in result.stdout, result.stdout + result.stderr
+    assert (tmp_path / "run" / "metrics.json").is_file()
