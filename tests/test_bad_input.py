@@ -270,3 +270,29 @@ def test_cmatrix_from_teacher_works_from_another_working_directory(tmp_path):
                             cwd=elsewhere, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (elsewhere / "c.safetensors").exists()
+
+
+def test_data_fingerprint_hashes_every_image_path_and_size_outside_hidden_folders(tmp_path):
+    """The fingerprint against the definition written out here with os.walk."""
+    import hashlib
+
+    from kd.datasets import is_image_file, load_dataset
+    from kd.fingerprint import data_fingerprint
+
+    root = make_image_folder(tmp_path / "data")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / ".ipynb_checkpoints" / "x.png").write_bytes(b"not counted")
+    (root / "train" / "ant" / "notes.txt").write_text("not an image")
+    expected, count = hashlib.sha256(), 0
+    for split in ("train", "test"):
+        found = []
+        for folder, dirs, files in os.walk(root / split):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [(os.path.relpath(os.path.join(folder, f), root / split).replace(os.sep, "/"),
+                       os.path.getsize(os.path.join(folder, f))) for f in files if is_image_file(f)]
+        for relative, size in sorted(found):
+            expected.update(f"{split}/{relative}\t{size}\n".encode())
+            count += 1
+    data = load_dataset("imagefolder", root)
+    assert data_fingerprint(data, "imagefolder", root) == f"{count} files, sha256:{expected.hexdigest()[:16]}"
+    assert count == 36
