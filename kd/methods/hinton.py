@@ -34,7 +34,7 @@ def _synchronize(device: torch.device) -> None:
 
 class HintonKD(Method):
     name = "kd"
-    summary = "classic KD (Hinton): CE plus T^2 KL to a teacher network's softened outputs, per sample (--teacher RUN_DIR)"
+    summary = "classic KD (Hinton): CE plus T^2 KL to a teacher network's softened outputs, per sample (--teacher RUN_DIR, or a pretrained --teacher-model)"
     stages = ("student",)
     needs = "teacher"
     params = (
