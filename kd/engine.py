@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch._dynamo  # noqa: F401 - see below
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
@@ -38,6 +39,9 @@ from kd.rundir import (
 )
 
 
+# torch imports torch._dynamo (about 1.5 s) when the first optimizer is built. Importing it with
+# the engine keeps that out of the gap between the run directory appearing and the training loop,
+# where SIGINT/SIGTERM are not yet turned into a checkpoint and a one-line message.
 # Reading the loss forces a device sync, so the bar's loss and img/s refresh every few steps;
 # the health check (a non-finite loss; a stop signal under several processes) runs as often.
 _PROGRESS_EVERY = 20
