@@ -100,21 +100,20 @@ def log_targets_from_logits(labels: torch.Tensor, c_logits: torch.Tensor, alpha:
     """`log_targets` straight from the K x (K-1) C logits, differentiable with respect to them.
 
     For hard labels only the batch's rows of C are built: a log-softmax over each sample's row
-    of logits, with -inf inserted at its label, O(N K) instead of the O(K^2) of the whole matrix
-    (at K = 1000 that is most of the cost of the loss). The values are the same, row for row.
+    of logits, O(N K) instead of the O(K^2) of the whole matrix (at K = 1000 that is most of the
+    cost of the loss), and log t is written with one scatter: log(1-a) at the label (C's
+    diagonal is 0) and log a + log C[y] elsewhere, the values of the logaddexp in `log_targets`.
     """
     if labels.dim() != 1:
         return log_targets(labels, log_cmatrix_from_logits(c_logits), alpha)
     labels = labels.long()
-    n, k = labels.shape[0], c_logits.shape[0]
-    log_s = F.one_hot(labels, k).float().log()
+    k = c_logits.shape[0]
     if alpha == 0.0:
-        return log_s
-    rows = F.log_softmax(c_logits[labels].float(), dim=1)  # N x (K-1): log C[y] without its diagonal entry
+        return F.one_hot(labels, k).float().log()
+    rows = F.log_softmax(c_logits[labels].float(), dim=1) + math.log(alpha)  # N x (K-1): log(a C[y]) off the label
     others = torch.arange(k - 1, device=labels.device)
     columns = others + (others >= labels[:, None]).long()  # where row y's K-1 entries go: every column but y
-    log_mixed = rows.new_full((n, k), -math.inf).scatter(1, columns, rows)
-    return torch.logaddexp(log_s + math.log1p(-alpha), log_mixed + math.log(alpha))
+    return rows.new_full((labels.shape[0], k), math.log1p(-alpha)).scatter(1, columns, rows)
 
 
 def mix_targets(labels: torch.Tensor, cmatrix: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -176,21 +175,14 @@ def lspp_terms(net_logits: torch.Tensor, labels: torch.Tensor, c_logits: torch.T
 
 
 def _detached_terms_for_labels(net_logits: torch.Tensor, labels: torch.Tensor, c_logits: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
-    """The paper's loss for hard labels, the default and by far the commonest case, in few passes.
+    """The paper's loss for hard labels, the default and by far the commonest case.
 
-    The same values as the general path: for one-hot s, log t is log(1-a) at the label and
-    log a + log C[y] elsewhere, exactly what `log_targets_from_logits`' logaddexp gives, but
-    written with one scatter. Both log t and log p are finite everywhere (0 < a < 1), so the
-    cross-entropies need no guard against 0 * log 0.
+    With 0 < a < 1 both log t and log p are finite everywhere, so the cross-entropies need no
+    guard against 0 * log 0.
     """
     with torch.autocast(device_type=net_logits.device.type, enabled=False):
         log_p = F.log_softmax(net_logits.float(), dim=1)
-        labels = labels.long()
-        k = c_logits.shape[0]
-        rows = F.log_softmax(c_logits[labels].float(), dim=1) + math.log(alpha)  # N x (K-1): log(a C[y]) off the label
-        others = torch.arange(k - 1, device=labels.device)
-        columns = others + (others >= labels[:, None]).long()  # every column but y
-        log_t = log_p.new_full(log_p.shape, math.log1p(-alpha)).scatter(1, columns, rows)
+        log_t = log_targets_from_logits(labels, c_logits, alpha)
         return {
             "network": -(log_t.detach().exp() * log_p).sum(dim=1).mean(),
             "cmatrix": -(log_p.detach().exp() * log_t).sum(dim=1).mean(),

@@ -118,7 +118,7 @@ def test_two_process_library_run_keeps_ranks_identical_and_shards_the_data(tmp_p
     torch.testing.assert_close(tensors[0]["soft_labels"], expected, rtol=1e-6, atol=1e-7)
 
 
-def _evaluate_in_one_process(net: torch.nn.Module, data, split: str) -> dict[str, float]:
+def evaluate_in_one_process(net: torch.nn.Module, data, split: str) -> dict[str, float]:
     logits, labels = [], []
     with torch.no_grad():
         for images, batch_labels, valid in DeviceBatches(data, split, 100, torch.device("cpu")):
@@ -154,7 +154,7 @@ def test_two_process_cli_run_writes_one_run_directory_with_gathered_metrics(tmp_
     # The reported test and validation metrics are the whole splits': evaluate the saved model in one process.
     net, _ = load_run_model(out)
     for split, count in (("test", 360), ("val", len(data.val))):
-        whole = _evaluate_in_one_process(net, data, split)
+        whole = evaluate_in_one_process(net, data, split)
         assert whole["count"] == count
         assert metrics[f"{split}_top1"] == whole["top1"]
         assert metrics[f"{split}_nll"] == pytest.approx(whole["nll"], rel=1e-5)

@@ -3,7 +3,6 @@ uninterrupted run ends; checkpoints are complete or absent; bad resumes are one-
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from kd.models import build_model
 from kd.rundir import latest_checkpoint, list_checkpoints
 from tests.test_cli import KD, assert_one_line_error, kd, kd_in_process, read_run
 from tests.test_distributed import TORCHRUN, free_port
+from tests.test_summary import read_summary
 
 # Both runs use one thread: the same kernels in the same order give bitwise-equal results.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -81,11 +81,6 @@ def start_and_kill_after_first_checkpoint(args: list[str], out: Path, launcher: 
     finally:
         if process.poll() is None:
             kill_tree(process)
-
-
-def summary_rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "summary.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -168,10 +163,10 @@ def test_mid_epoch_checkpoint_resumes_bitwise(tmp_path, method, augment):
     assert read_run(copy)[1]["epoch_loss_parts"] == read_run(reference)[1]["epoch_loss_parts"]
     assert not partial.exists()
     timing = ("images_per_second", "train_seconds")
-    assert [{k: v for k, v in row.items() if k not in timing} for row in summary_rows(copy)] == [
-        {k: v for k, v in row.items() if k not in timing} for row in summary_rows(reference)
+    assert [{k: v for k, v in row.items() if k not in timing} for row in read_summary(copy)] == [
+        {k: v for k, v in row.items() if k not in timing} for row in read_summary(reference)
     ]
-    assert [row["epoch"] for row in summary_rows(copy)] == ["1", "2"]
+    assert [row["epoch"] for row in read_summary(copy)] == ["1", "2"]
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

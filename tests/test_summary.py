@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from kd.datasets import ImageDataset, InMemorySplit, load_dataset, validation_split
-from kd.loader import DeviceBatches
-from kd.metrics import classification_metrics
 from kd.rundir import load_run_model
 from tests.test_cli import assert_one_line_error, kd_in_process, read_run
+from tests.test_distributed import evaluate_in_one_process
 
 
 def read_summary(run_dir: Path) -> list[dict[str, str]]:
@@ -79,12 +78,7 @@ def test_summary_csv_has_a_row_per_epoch_with_validation_where_due(tmp_path):
     # The reported validation metrics are the held-out images': evaluate the saved model on them.
     net, _ = load_run_model(out)
     data = validation_split(load_dataset("digits"), 0.2, seed=0)
-    logits, labels = [], []
-    with torch.no_grad():
-        for images, batch_labels, _ in DeviceBatches(data, "val", 128, torch.device("cpu")):
-            logits.append(net(images))
-            labels.append(batch_labels)
-    expected = classification_metrics(torch.cat(logits), torch.cat(labels))
+    expected = evaluate_in_one_process(net, data, "val")
     assert metrics["val_top1"] == expected["top1"]
     assert metrics["val_nll"] == pytest.approx(expected["nll"], rel=1e-5)
 
