@@ -169,6 +169,20 @@ def calibration_bins(logits: torch.Tensor, labels: torch.Tensor, bins: int) -> t
         return count.numpy(), (conf_sum / count).numpy(), (corr_sum / count).numpy()
 
 
+def sparse_bins(count: np.ndarray) -> np.ndarray:
+    """The bins too thin to read an accuracy from: fewer than max(10, 0.5% of all) predictions.
+
+    A bin holding one correct prediction has accuracy 1 and would be drawn as a full bar;
+    the reliability diagram draws these faint instead (they still count towards the ECE).
+    """
+    count = np.asarray(count, dtype=np.float64)
+    return (count > 0) & (count < _sparse_threshold(count.sum()))
+
+
+def _sparse_threshold(n: float) -> int:
+    return int(np.ceil(max(10.0, 0.005 * float(n))))
+
+
 def plot_reliability(
     probs_or_logits: Any, labels: Any, path: str | os.PathLike, bins: int = 15, *, title: str | None = None
 ) -> float:
@@ -177,8 +191,9 @@ def plot_reliability(
     `probs_or_logits` is taken as probabilities when every row lies in [0, 1] and sums to 1
     (within 1e-3), else as logits. Top: each non-empty bin's accuracy as a bar, the gap to
     the bin's mean confidence shaded, the diagonal of perfect calibration, and the ECE (from
-    `kd.metrics.classification_metrics`, `bins` equal-width bins) in the title. Bottom: the
-    share of predictions per bin.
+    `kd.metrics.classification_metrics`, `bins` equal-width bins) in the title; bins with too
+    few predictions to read (`sparse_bins`) are drawn faint. Bottom: the share of predictions
+    per bin.
     """
     logits = _as_logits(probs_or_logits)
     labels = torch.as_tensor(labels).detach().cpu()
@@ -188,15 +203,21 @@ def plot_reliability(
     n = int(count.sum())
     width = 1.0 / bins
     centres = (np.arange(bins) + 0.5) * width
-    filled = count > 0
+    faint = sparse_bins(count)
+    solid = (count > 0) & ~faint
 
     figure = _new_figure((6.0, 7.0))
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    top.bar(centres[filled], accuracy[filled], width=width, color="#3b75af", edgecolor="black", linewidth=0.6,
-            label="accuracy")
-    gap = confidence[filled] - accuracy[filled]
-    top.bar(centres[filled], gap, bottom=accuracy[filled], width=width, color="#d62728", alpha=0.3,
-            edgecolor="#d62728", hatch="//", linewidth=0.6, label="gap to mean confidence")
+    gap_label = "gap to mean confidence"
+    for shown, alpha, suffix in ((solid, 1.0, ""), (faint, 0.25, f" (faint: < {_sparse_threshold(n)} predictions)")):
+        if not shown.any():
+            continue
+        top.bar(centres[shown], accuracy[shown], width=width, color="#3b75af", edgecolor="black", linewidth=0.6,
+                alpha=alpha, label="accuracy" + suffix)
+        gap = confidence[shown] - accuracy[shown]
+        top.bar(centres[shown], gap, bottom=accuracy[shown], width=width, color="#d62728", alpha=0.3 * alpha,
+                edgecolor="#d62728", hatch="//", linewidth=0.6, label=gap_label)
+        gap_label = None
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1.2, label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)

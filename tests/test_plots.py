@@ -24,6 +24,7 @@ from kd.plots import (
     plot_cmatrix,
     plot_curves,
     plot_reliability,
+    sparse_bins,
 )
 from tests.test_cli import assert_one_line_error, kd_in_process
 
@@ -105,6 +106,21 @@ def test_reliability_diagram_and_its_ece(tmp_path):
     filled = count > 0
     assert count.sum() == len(labels)
     assert np.sum(count[filled] * np.abs(accuracy[filled] - confidence[filled])) / len(labels) == pytest.approx(ece, abs=1e-12)
+
+
+def test_thin_bins_are_marked_sparse_not_read_as_accuracy(tmp_path):
+    # 2,000 predictions near 0.55 confidence and one correct one near 0.99: that bin's accuracy is 1
+    # from a single prediction, so it is drawn faint (below max(10, 0.5% of 2,001) = 11 predictions).
+    many = torch.tensor([[0.2, 0.0]]).repeat(2000, 1)
+    logits = torch.cat([many, torch.tensor([[5.0, 0.0]])])
+    labels = torch.zeros(2001, dtype=torch.long)
+    count, _, accuracy = calibration_bins(logits.double(), labels, 15)
+    assert np.flatnonzero(count).tolist() == [8, 14] and accuracy[14] == 1.0
+    assert np.flatnonzero(sparse_bins(count)).tolist() == [14]
+    assert sparse_bins(np.array([0, 10, 9, 1981])).tolist() == [False, False, True, False]  # at least 10
+    assert sparse_bins(np.array([0, 10, 11, 2179])).tolist() == [False, True, False, False]  # 0.5% of 2,200 = 11
+    plot_reliability(logits, labels, tmp_path / "rel.png")
+    assert_png(tmp_path / "rel.png", size=(6 * DPI, 7 * DPI))
 
 
 def test_reliability_diagram_takes_probabilities_too(tmp_path):
