@@ -35,25 +35,38 @@ def summarise(name: str, seeds: list[int], runs: list[dict]) -> dict:
     return {"variant": name, "seeds": seeds, "runs": [{k: r[k] for k in METRICS} for r in runs], "summary": summary}
 
 
+# The columns of every accuracy table: (title, metrics.json key, digits); train seconds are a timing,
+# so they are shown as min / median over the seeds, the others as mean +- std.
+COLUMNS = (("top-1", "test_top1", 4), ("NLL", "test_nll", 3), ("ECE", "test_ece", 3),
+           ("mean conf", "test_mean_confidence", 3), ("train s (min / median)", "train_seconds", 0))
+
+
+def cell(values: list[float], digits: int, timing: bool = False) -> str:
+    """One table cell over seeds, with its seed count (no spread from one seed; "-" when no run finished)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f} (n=1)"
+    if timing:
+        return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f} (n={len(values)})"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} +- {std:.{digits}f} (n={len(values)})"
+
+
+def markdown_table(rows: dict[str, list[dict]], first: str) -> list[str]:
+    """A markdown table of `rows` (name -> the runs' metrics) over COLUMNS."""
+    lines = [f"| {first} | " + " | ".join(title for title, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, runs in rows.items():
+        cells = [cell([r[key] for r in runs], digits, timing=key == "train_seconds") for _, key, digits in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(stem: Path, title: str, command: str, rows: list[dict], extra: dict) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": command, **extra, "machine": platform.machine(), "python": platform.python_version(), "results": rows}
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        f"# {title}",
-        "",
-        f"Command: `{command}`. Last-epoch test metrics, mean +- std over seeds.",
-        "",
-        "| variant | top-1 | NLL | ECE | mean confidence | train s (min / median) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        s = row["summary"]
-        times = [r["train_seconds"] for r in row["runs"]]
-        lines.append(
-            f"| {row['variant']} | {s['test_top1'][0]:.4f} +- {s['test_top1'][1]:.4f} | {s['test_nll'][0]:.4f} +- {s['test_nll'][1]:.4f} "
-            f"| {s['test_ece'][0]:.4f} +- {s['test_ece'][1]:.4f} | {s['test_mean_confidence'][0]:.4f} "
-            f"| {min(times):.1f} / {statistics.median(times):.1f} |"
-        )
+    lines = [f"# {title}", "", f"Command: `{command}`. Last-epoch test metrics over seeds.", ""]
+    lines += markdown_table({row["variant"]: row["runs"] for row in rows}, "variant")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and {stem}.md")

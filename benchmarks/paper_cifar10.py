@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _seeds import KD, RESULTS  # noqa: E402
+from _seeds import COLUMNS, KD, RESULTS, cell, markdown_table  # noqa: E402
 from student_modes import ROOT, ensure_cifar10  # noqa: E402
 
 from cli.main import run_in_process  # noqa: E402
@@ -44,8 +43,6 @@ TABLE3_METHODS = ["onehot", "ls", "tfkd", "ols", "lspp", "zipf", "focal", "mbls"
 AUGMENTS = {"cutout": "crop,flip,cutout", "mixup": "crop,flip,mixup", "cutmix": "crop,flip,cutmix", "randaugment": "crop,flip,randaugment"}
 ALL_SEEDS = (0, 1, 2)  # tables show every finished run of these; --seeds says which may be trained now
 ARGS: argparse.Namespace  # the command line, set by main()
-COLUMNS = (("top-1", "test_top1", 4), ("NLL", "test_nll", 3), ("ECE", "test_ece", 3), ("mean conf", "test_mean_confidence", 3),
-           ("train s", "train_seconds", 0))
 
 
 class Runner:
@@ -76,21 +73,6 @@ class Runner:
         return out, self.run("train-teacher", out, flags, seed, train)
 
 
-def cell(values: list[float], digits: int) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} +- {std:.{digits}f} (n={len(values)})"
-
-
-def table(rows: dict[str, list[dict]], first: str) -> list[str]:
-    lines = [f"| {first} | " + " | ".join(title for title, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, runs in rows.items():
-        lines.append(f"| {name} | " + " | ".join(cell([r[key] for r in runs], d) for _, key, d in COLUMNS) + " |")
-    return lines
-
-
 def write(name: str, title: str, lines: list[str], data: dict) -> None:
     results = ARGS.results_dir
     results.mkdir(parents=True, exist_ok=True)
@@ -115,7 +97,7 @@ def table3(runner: Runner, regime: str) -> None:
                 rows[method].append(summary(metrics))
             spec = " ".join(REGIMES[regime])
             write(f"table3_{regime}", f"Table 3 on CIFAR-10, paper's AlexNet, {regime} data ({spec})",
-                  table(rows, "method"), {"regime": regime, "rows": rows})
+                  markdown_table(rows, "method"), {"regime": regime, "rows": rows})
 
 
 def fig3(runner: Runner) -> None:
@@ -156,7 +138,7 @@ def table5(runner: Runner) -> None:
             entropy[variant].append(float(normalised_row_entropy(cm.probs).mean()))
             if seed == 0:
                 plot_cmatrix(cm, ARGS.images_dir / f"fig6_cifar10_c_loss_{variant}.png", title=f"--c-loss {variant}")
-            lines = table(rows, "--c-loss")
+            lines = markdown_table(rows, "--c-loss")
             lines += ["", "| --c-loss | mean normalised row entropy of C (1 = uniform, 0 = one class) |", "|---|---|"]
             lines += [f"| {v} | {cell(e, 3)} |" for v, e in entropy.items()]
             lines += ["", " ".join(f"![{v}](../../docs/images/fig6_cifar10_c_loss_{v}.png)" for v in rows)]
@@ -192,7 +174,7 @@ def table6(runner: Runner) -> None:
             if metrics is not None:
                 rows[name].append(summary(metrics))
             write("table6", "Table 6: the paper's LeNet taught by AlexNet teachers (CIFAR-10, small data)",
-                  table(rows, "student (LeNet, 62k params)"), {"rows": rows})
+                  markdown_table(rows, "student (LeNet, 62k params)"), {"rows": rows})
 
 
 def table7(runner: Runner) -> None:
@@ -205,7 +187,7 @@ def table7(runner: Runner) -> None:
                 if metrics is not None:
                     rows[f"{method} + {augment}"].append(summary(metrics))
                 write("table7", "Table 7: LS++ with data augmentation (CIFAR-10, AlexNet, small data; crop,flip plus the named one)",
-                      table(rows, "method + augmentation"), {"rows": rows})
+                      markdown_table(rows, "method + augmentation"), {"rows": rows})
 
 
 def main() -> None:

@@ -104,3 +104,19 @@ def test_throughput_benchmark_smoke_measures_every_part(tmp_path):
     assert len(parts["startup"]["results"]) == 4
     markdown = (tmp_path / "throughput.md").read_text()
     assert all(f"## {name}:" in markdown for name in parts) and "SMOKE RUN" in markdown
+
+
+def test_table_cells_show_mean_std_timings_min_median_and_seed_counts():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _seeds import cell, markdown_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert cell([], 4) == "-"
+    assert cell([0.61], 4) == "0.6100 (n=1)"  # no spread from one seed
+    assert cell([0.5, 0.7, 0.6], 2) == "0.60 +- 0.10 (n=3)"  # sample std
+    assert cell([300.0, 100.0, 250.0], 0, timing=True) == "100 / 250 (n=3)"
+    runs = [{"test_top1": 0.5, "test_nll": 1.0, "test_ece": 0.1, "test_mean_confidence": 0.6, "train_seconds": 10.0}]
+    lines = markdown_table({"lspp": runs, "ols": []}, "method")
+    assert lines[0].startswith("| method | top-1 |") and lines[2].startswith("| lspp | 0.5000 (n=1) |")
+    assert lines[3] == "| ols | - | - | - | - | - |"
