@@ -53,11 +53,11 @@ def cell(values: list[float], digits: int, timing: bool = False) -> str:
     return f"{mean:.{digits}f} +- {std:.{digits}f} (n={len(values)})"
 
 
-def markdown_table(rows: dict[str, list[dict]], first: str) -> list[str]:
-    """A markdown table of `rows` (name -> the runs' metrics) over COLUMNS."""
-    lines = [f"| {first} | " + " | ".join(title for title, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+def markdown_table(rows: dict[str, list[dict]], first: str, columns: tuple = COLUMNS) -> list[str]:
+    """A markdown table of `rows` (name -> the runs' metrics) over `columns` (of COLUMNS)."""
+    lines = [f"| {first} | " + " | ".join(title for title, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, runs in rows.items():
-        cells = [cell([r[key] for r in runs], digits, timing=key == "train_seconds") for _, key, digits in COLUMNS]
+        cells = [cell([r[key] for r in runs], digits, timing=key == "train_seconds") for _, key, digits in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -7,6 +7,7 @@
     python benchmarks/paper_cifar10.py table6                   # Table 6: students of AlexNet teachers, small data
     python benchmarks/paper_cifar10.py table7                   # Table 7: with cutout / mixup / cutmix / randaugment, small data
     python benchmarks/paper_cifar10.py all                      # everything above, in that order
+    python benchmarks/paper_cifar10.py readme                   # the README's tables, from the results files
     options: [--seeds 0 1 2] [--methods ...] [--runs-dir runs/paper] [--data-dir .data/cifar10-jpeg]
 
 Regimes (about the same compute; the paper ran 300 epochs on all the data):
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +45,9 @@ TABLE3_METHODS = ["onehot", "ls", "tfkd", "ols", "lspp", "zipf", "focal", "mbls"
 AUGMENTS = {"cutout": "crop,flip,cutout", "mixup": "crop,flip,mixup", "cutmix": "crop,flip,cutmix", "randaugment": "crop,flip,randaugment"}
 ALL_SEEDS = (0, 1, 2)  # tables show every finished run of these; --seeds says which may be trained now
 ARGS: argparse.Namespace  # the command line, set by main()
+FIRST_COLUMN = {"table3_small": "method", "table3_full": "method", "table5": "--c-loss",
+                "table6": "student (LeNet, 62k params)", "table7": "method + augmentation"}
+README = ROOT / "README.md"
 
 
 class Runner:
@@ -86,6 +91,42 @@ def summary(metrics: dict) -> dict:
     return {key: metrics[key] for _, key, _ in COLUMNS}
 
 
+def entropy_table(entropy: dict[str, list[float]]) -> list[str]:
+    lines = ["| --c-loss | mean normalised row entropy of C (1 = uniform, 0 = one class) |", "|---|---|"]
+    return lines + [f"| {variant} | {cell(values, 3)} |" for variant, values in entropy.items()]
+
+
+def readme_blocks(results: Path) -> dict[str, str]:
+    """The README's copy of each table, made from its results file (without the train-time column:
+    those times were taken while other work shared the cores). Tables not run yet are left out."""
+    blocks = {}
+    for name, first in FIRST_COLUMN.items():
+        path = results / f"paper_{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        lines = markdown_table(data["rows"], first, COLUMNS[:-1])
+        if name == "table5":
+            lines += ["", *entropy_table(data["entropy"])]
+        blocks[name] = "\n".join(["", *lines, ""])  # blank lines: the markers are not part of the table
+    return blocks
+
+
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- paper:{name} -->\n)(.*?)(\n<!-- /paper:{name} -->)", re.DOTALL)
+
+
+def update_readme(readme: Path, results: Path) -> list[str]:
+    """Rewrite each `<!-- paper:NAME -->` block of the README from the results; the names rewritten."""
+    text, done = readme.read_text(), []
+    for name, block in readme_blocks(results).items():
+        text, found = block_pattern(name).subn(lambda m: m.group(1) + block + m.group(3), text)
+        if found:
+            done.append(name)
+    readme.write_text(text)
+    return done
+
+
 def table3(runner: Runner, regime: str) -> None:
     rows: dict[str, list[dict]] = {}
     for seed in ALL_SEEDS:  # seed-major: a first seed of every method comes before any second seed
@@ -97,7 +138,7 @@ def table3(runner: Runner, regime: str) -> None:
                 rows[method].append(summary(metrics))
             spec = " ".join(REGIMES[regime])
             write(f"table3_{regime}", f"Table 3 on CIFAR-10, paper's AlexNet, {regime} data ({spec})",
-                  markdown_table(rows, "method"), {"regime": regime, "rows": rows})
+                  markdown_table(rows, FIRST_COLUMN[f"table3_{regime}"]), {"regime": regime, "rows": rows})
 
 
 def fig3(runner: Runner) -> None:
@@ -138,9 +179,7 @@ def table5(runner: Runner) -> None:
             entropy[variant].append(float(normalised_row_entropy(cm.probs).mean()))
             if seed == 0:
                 plot_cmatrix(cm, ARGS.images_dir / f"fig6_cifar10_c_loss_{variant}.png", title=f"--c-loss {variant}")
-            lines = markdown_table(rows, "--c-loss")
-            lines += ["", "| --c-loss | mean normalised row entropy of C (1 = uniform, 0 = one class) |", "|---|---|"]
-            lines += [f"| {v} | {cell(e, 3)} |" for v, e in entropy.items()]
+            lines = [*markdown_table(rows, FIRST_COLUMN["table5"]), "", *entropy_table(entropy)]
             lines += ["", " ".join(f"![{v}](../../docs/images/fig6_cifar10_c_loss_{v}.png)" for v in rows)]
             write("table5", "Table 5 / Figure 6: how C is trained (LS++, CIFAR-10, AlexNet, small data)", lines,
                   {"rows": rows, "entropy": entropy})
@@ -174,7 +213,7 @@ def table6(runner: Runner) -> None:
             if metrics is not None:
                 rows[name].append(summary(metrics))
             write("table6", "Table 6: the paper's LeNet taught by AlexNet teachers (CIFAR-10, small data)",
-                  markdown_table(rows, "student (LeNet, 62k params)"), {"rows": rows})
+                  markdown_table(rows, FIRST_COLUMN["table6"]), {"rows": rows})
 
 
 def table7(runner: Runner) -> None:
@@ -187,12 +226,12 @@ def table7(runner: Runner) -> None:
                 if metrics is not None:
                     rows[f"{method} + {augment}"].append(summary(metrics))
                 write("table7", "Table 7: LS++ with data augmentation (CIFAR-10, AlexNet, small data; crop,flip plus the named one)",
-                      markdown_table(rows, "method + augmentation"), {"rows": rows})
+                      markdown_table(rows, FIRST_COLUMN["table7"]), {"rows": rows})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["table3", "fig3", "table5", "table6", "table7", "all"])
+    parser.add_argument("experiment", choices=["table3", "fig3", "table5", "table6", "table7", "all", "readme"])
     parser.add_argument("--regime", choices=list(REGIMES), default="small")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(ALL_SEEDS), help="the seeds to train now (of 0 1 2)")
     parser.add_argument("--methods", nargs="+", help=f"table3: the methods to train now (default: {' '.join(TABLE3_METHODS)})")
@@ -209,6 +248,9 @@ def main() -> None:
             flags[:] = ["--train-per-class", str(args.smoke), "--epochs", "1", "--max-steps", "2"]
     global ARGS
     ARGS = args
+    if args.experiment == "readme":
+        print("rewrote README.md tables: " + ", ".join(update_readme(README, args.results_dir)))
+        return
     args.images_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(args)
     if args.experiment in ("table3", "all"):

@@ -120,3 +120,20 @@ def test_table_cells_show_mean_std_timings_min_median_and_seed_counts():
     lines = markdown_table({"lspp": runs, "ols": []}, "method")
     assert lines[0].startswith("| method | top-1 |") and lines[2].startswith("| lspp | 0.5000 (n=1) |")
     assert lines[3] == "| ols | - | - | - | - | - |"
+
+
+def test_readme_paper_tables_are_the_committed_results():
+    # The README's copies of the paper tables are made by `paper_cifar10.py readme` from
+    # benchmarks/results/paper_*.json, never typed: after new results, rerun it.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import paper_cifar10
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    readme = (ROOT / "README.md").read_text()
+    blocks = paper_cifar10.readme_blocks(ROOT / "benchmarks" / "results")
+    assert set(blocks) == set(paper_cifar10.FIRST_COLUMN)
+    for name, block in blocks.items():
+        match = paper_cifar10.block_pattern(name).search(readme)
+        assert match, f"README.md lacks the <!-- paper:{name} --> block"
+        assert match.group(2) == block, f"README.md's {name} is not benchmarks/results/paper_{name}.json: run paper_cifar10.py readme"
