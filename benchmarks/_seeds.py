@@ -11,7 +11,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 KD = str(Path(sys.executable).with_name("kd"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for `cli` when run as a script
-METRICS = ("test_top1", "test_nll", "test_ece", "test_mean_confidence", "train_seconds")
+
+# The columns of every accuracy table: (title, metrics.json key, digits); train seconds are a timing,
+# so they are shown as min / median over the seeds, the others as mean +- std.
+COLUMNS = (("top-1", "test_top1", 4), ("NLL", "test_nll", 3), ("ECE", "test_ece", 3),
+           ("mean conf", "test_mean_confidence", 3), ("train s (min / median)", "train_seconds", 0))
+METRICS = tuple(key for _, key, _ in COLUMNS)  # what a run contributes to a table
 
 
 def run_kd(args: list[str], out: Path) -> dict:
@@ -32,13 +37,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarise(name: str, seeds: list[int], runs: list[dict]) -> dict:
     summary = {metric: mean_std([r[metric] for r in runs]) for metric in METRICS}
     print(f"{name}: top-1 {summary['test_top1'][0]:.4f} +- {summary['test_top1'][1]:.4f}", flush=True)
-    return {"variant": name, "seeds": seeds, "runs": [{k: r[k] for k in METRICS} for r in runs], "summary": summary}
+    return {"variant": name, "seeds": seeds, "runs": [table_metrics(r) for r in runs], "summary": summary}
 
 
-# The columns of every accuracy table: (title, metrics.json key, digits); train seconds are a timing,
-# so they are shown as min / median over the seeds, the others as mean +- std.
-COLUMNS = (("top-1", "test_top1", 4), ("NLL", "test_nll", 3), ("ECE", "test_ece", 3),
-           ("mean conf", "test_mean_confidence", 3), ("train s (min / median)", "train_seconds", 0))
+def table_metrics(metrics: dict) -> dict:
+    """The part of a run's metrics.json that the tables show."""
+    return {key: metrics[key] for key in METRICS}
 
 
 def cell(values: list[float], digits: int, timing: bool = False) -> str:

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _seeds import COLUMNS, KD, RESULTS, cell, markdown_table  # noqa: E402
+from _seeds import COLUMNS, KD, RESULTS, cell, markdown_table, table_metrics  # noqa: E402
 from student_modes import ROOT, ensure_cifar10  # noqa: E402
 
 from cli.main import run_in_process  # noqa: E402
@@ -87,10 +87,6 @@ def write(name: str, title: str, lines: list[str], data: dict) -> None:
     print(f"wrote {results / f'paper_{name}.md'}", flush=True)
 
 
-def summary(metrics: dict) -> dict:
-    return {key: metrics[key] for _, key, _ in COLUMNS}
-
-
 def entropy_table(entropy: dict[str, list[float]]) -> list[str]:
     lines = ["| --c-loss | mean normalised row entropy of C (1 = uniform, 0 = one class) |", "|---|---|"]
     return lines + [f"| {variant} | {cell(values, 3)} |" for variant, values in entropy.items()]
@@ -135,7 +131,7 @@ def table3(runner: Runner, regime: str) -> None:
             _, metrics = runner.teacher(regime, method, seed, train=asked)
             rows.setdefault(method, [])
             if metrics is not None:
-                rows[method].append(summary(metrics))
+                rows[method].append(table_metrics(metrics))
             spec = " ".join(REGIMES[regime])
             write(f"table3_{regime}", f"Table 3 on CIFAR-10, paper's AlexNet, {regime} data ({spec})",
                   markdown_table(rows, FIRST_COLUMN[f"table3_{regime}"]), {"regime": regime, "rows": rows})
@@ -174,7 +170,7 @@ def table5(runner: Runner) -> None:
             entropy.setdefault(variant, [])
             if metrics is None:
                 continue
-            rows[variant].append(summary(metrics))
+            rows[variant].append(table_metrics(metrics))
             cm = load_cmatrix(out / "cmatrix.safetensors")
             entropy[variant].append(float(normalised_row_entropy(cm.probs).mean()))
             if seed == 0:
@@ -211,7 +207,7 @@ def table6(runner: Runner) -> None:
             out = runner.args.runs_dir / "small-students" / f"{slug}-s{seed}"
             metrics = runner.run("distill", out, ["--model", "lenet", "--seed", str(seed), *REGIMES["small"], *map(str, given)], seed)
             if metrics is not None:
-                rows[name].append(summary(metrics))
+                rows[name].append(table_metrics(metrics))
             write("table6", "Table 6: the paper's LeNet taught by AlexNet teachers (CIFAR-10, small data)",
                   markdown_table(rows, FIRST_COLUMN["table6"]), {"rows": rows})
 
@@ -224,7 +220,7 @@ def table7(runner: Runner) -> None:
                 _, metrics = runner.teacher("small", method, seed, ("--augment", spec), f"-{augment}")
                 rows.setdefault(f"{method} + {augment}", [])
                 if metrics is not None:
-                    rows[f"{method} + {augment}"].append(summary(metrics))
+                    rows[f"{method} + {augment}"].append(table_metrics(metrics))
                 write("table7", "Table 7: LS++ with data augmentation (CIFAR-10, AlexNet, small data; crop,flip plus the named one)",
                       markdown_table(rows, FIRST_COLUMN["table7"]), {"rows": rows})
 
