@@ -17,8 +17,9 @@ Regimes (about the same compute; the paper ran 300 epochs on all the data):
 
 Every run is a real `kd` command (printed before it starts) writing into --runs-dir (ignored
 by git). A run whose metrics.json exists is skipped, and an interrupted one resumes from its
-last checkpoint, so a table can be completed over several sittings; the results files are
-rewritten after every run with what exists so far, each cell with its seed count. Metrics are
+last checkpoint, so a table can be completed over several sittings; a table's results files are
+written before the first run trains and rewritten after every run, each time from every finished
+run of the table (a sitting stopped midway leaves a whole table), each cell with its seed count. Metrics are
 the last epoch's, on the whole CIFAR-10 test set. Writes benchmarks/results/paper_<name>.json
 and .md, and the figures under docs/images/.
 """
@@ -26,11 +27,13 @@ and .md, and the figures under docs/images/.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _seeds import COLUMNS, KD, RESULTS, cell, markdown_table, table_metrics  # noqa: E402
@@ -54,22 +57,36 @@ class Runner:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.data = ["--data-dir", str(ensure_cifar10(args.data_dir))]
+        self.trains = not args.report_only
+        self.after_run: Callable[[], None] = lambda: None  # called after each run this runner trains
+
+    def reporter(self) -> Runner:
+        """A runner over the same runs that trains none: it rebuilds a table from every finished run."""
+        other = copy.copy(self)
+        other.trains = False
+        return other
 
     def run(self, command: str, out: Path, flags: list[str], seed: int, train: bool = True) -> dict | None:
         """metrics.json of the run in `out`, training it first unless it finished before (or its seed
         was not asked for: then tables still show it if an earlier sitting made it); None if it failed."""
         if (out / "metrics.json").exists():
             return json.loads((out / "metrics.json").read_text())
-        if seed not in self.args.seeds or not train or self.args.report_only:
+        if seed not in self.args.seeds or not train or not self.trains:
             return None
+        if not self.train(command, out, flags):
+            return None
+        self.after_run()
+        return json.loads((out / "metrics.json").read_text())
+
+    def train(self, command: str, out: Path, flags: list[str]) -> bool:
+        """One real `kd` run into `out` (resumed from its last checkpoint if it has one); whether it finished."""
         resume = ["--resume"] if any((out / "checkpoints").glob("step-*")) else (["--overwrite"] if out.exists() else [])
         argv = [KD, command, *COMMON, *self.data, *flags, "--out", str(out), *resume]
         print("$ " + " ".join(argv[1:]), flush=True)
         result = run_in_process(argv[1:]) if self.args.smoke else subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
             print(f"  failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}", flush=True)
-            return None
-        return json.loads((out / "metrics.json").read_text())
+        return result.returncode == 0
 
     def teacher(self, regime: str, method: str, seed: int, extra: tuple[str, ...] = (), tag: str = "",
                 train: bool = True) -> tuple[Path, dict | None]:
@@ -132,9 +149,9 @@ def table3(runner: Runner, regime: str) -> None:
             rows.setdefault(method, [])
             if metrics is not None:
                 rows[method].append(table_metrics(metrics))
-            spec = " ".join(REGIMES[regime])
-            write(f"table3_{regime}", f"Table 3 on CIFAR-10, paper's AlexNet, {regime} data ({spec})",
-                  markdown_table(rows, FIRST_COLUMN[f"table3_{regime}"]), {"regime": regime, "rows": rows})
+    spec = " ".join(REGIMES[regime])
+    write(f"table3_{regime}", f"Table 3 on CIFAR-10, paper's AlexNet, {regime} data ({spec})",
+          markdown_table(rows, FIRST_COLUMN[f"table3_{regime}"]), {"regime": regime, "rows": rows})
 
 
 def fig3(runner: Runner) -> None:
@@ -175,10 +192,10 @@ def table5(runner: Runner) -> None:
             entropy[variant].append(float(normalised_row_entropy(cm.probs).mean()))
             if seed == 0:
                 plot_cmatrix(cm, ARGS.images_dir / f"fig6_cifar10_c_loss_{variant}.png", title=f"--c-loss {variant}")
-            lines = [*markdown_table(rows, FIRST_COLUMN["table5"]), "", *entropy_table(entropy)]
-            lines += ["", " ".join(f"![{v}](../../docs/images/fig6_cifar10_c_loss_{v}.png)" for v in rows)]
-            write("table5", "Table 5 / Figure 6: how C is trained (LS++, CIFAR-10, AlexNet, small data)", lines,
-                  {"rows": rows, "entropy": entropy})
+    lines = [*markdown_table(rows, FIRST_COLUMN["table5"]), "", *entropy_table(entropy)]
+    lines += ["", " ".join(f"![{v}](../../docs/images/fig6_cifar10_c_loss_{v}.png)" for v in rows)]
+    write("table5", "Table 5 / Figure 6: how C is trained (LS++, CIFAR-10, AlexNet, small data)", lines,
+          {"rows": rows, "entropy": entropy})
 
 
 def table6(runner: Runner) -> None:
@@ -186,7 +203,7 @@ def table6(runner: Runner) -> None:
     for seed in ALL_SEEDS:
         teachers = {m: runner.teacher("small", m, seed)[0] for m in ("onehot", "ls", "lspp", "ols")}
         posthoc = runner.args.runs_dir / "small" / f"posthoc-onehot-s{seed}.safetensors"
-        if not posthoc.exists() and (teachers["onehot"] / "metrics.json").exists() and not runner.args.report_only:
+        if not posthoc.exists() and (teachers["onehot"] / "metrics.json").exists() and runner.trains:
             # Over the teacher's own training images (the run's --train-per-class subset).
             argv = ["cmatrix", "from-teacher", str(teachers["onehot"]), "--out", str(posthoc)]
             if (run_in_process(argv) if runner.args.smoke else subprocess.run([KD, *argv])).returncode != 0:
@@ -208,8 +225,8 @@ def table6(runner: Runner) -> None:
             metrics = runner.run("distill", out, ["--model", "lenet", "--seed", str(seed), *REGIMES["small"], *map(str, given)], seed)
             if metrics is not None:
                 rows[name].append(table_metrics(metrics))
-            write("table6", "Table 6: the paper's LeNet taught by AlexNet teachers (CIFAR-10, small data)",
-                  markdown_table(rows, FIRST_COLUMN["table6"]), {"rows": rows})
+    write("table6", "Table 6: the paper's LeNet taught by AlexNet teachers (CIFAR-10, small data)",
+          markdown_table(rows, FIRST_COLUMN["table6"]), {"rows": rows})
 
 
 def table7(runner: Runner) -> None:
@@ -221,8 +238,18 @@ def table7(runner: Runner) -> None:
                 rows.setdefault(f"{method} + {augment}", [])
                 if metrics is not None:
                     rows[f"{method} + {augment}"].append(table_metrics(metrics))
-                write("table7", "Table 7: LS++ with data augmentation (CIFAR-10, AlexNet, small data; crop,flip plus the named one)",
-                      markdown_table(rows, FIRST_COLUMN["table7"]), {"rows": rows})
+    write("table7", "Table 7: LS++ with data augmentation (CIFAR-10, AlexNet, small data; crop,flip plus the named one)",
+          markdown_table(rows, FIRST_COLUMN["table7"]), {"rows": rows})
+
+
+def sitting(runner: Runner, table: Callable[..., None], *args: str) -> None:
+    """Train what `table` still needs, keeping its results files whole: written from every finished
+    run before the first run trains and again after each one."""
+    reporter = runner.reporter()
+    runner.after_run = lambda: table(reporter, *args)
+    runner.after_run()
+    if runner.trains:
+        table(runner, *args)
 
 
 def main() -> None:
@@ -250,15 +277,15 @@ def main() -> None:
     args.images_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(args)
     if args.experiment in ("table3", "all"):
-        table3(runner, args.regime)
+        sitting(runner, table3, args.regime)
     if args.experiment in ("fig3", "all"):
-        fig3(runner)
+        sitting(runner, fig3)
     if args.experiment in ("table5", "all"):
-        table5(runner)
+        sitting(runner, table5)
     if args.experiment in ("table6", "all"):
-        table6(runner)
+        sitting(runner, table6)
     if args.experiment in ("table7", "all"):
-        table7(runner)
+        sitting(runner, table7)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """A script of benchmarks/ imported as a module (they import their neighbours by plain name)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def run_script(*args: str) -> None:
@@ -73,6 +87,42 @@ def test_paper_experiments_runner_fills_every_table_and_skips_finished_runs(tmp_
     assert sorted(p.name for p in (tmp_path / "runs").rglob("*") if p.is_dir()) == runs  # nothing trained (seed 1 neither)
 
 
+def test_paper_runner_leaves_whole_tables_when_a_sitting_is_stopped(tmp_path, monkeypatch):
+    # Stopping a long sitting (SIGTERM, Ctrl-C) must not leave a results file holding only the
+    # runs that sitting had visited: it is written from every finished run before training and
+    # after each run. Training is faked here; the runner's bookkeeping is what is tested.
+    paper = benchmark_module("paper_cifar10")
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    args = argparse.Namespace(seeds=[0], methods=None, runs_dir=tmp_path / "runs", data_dir=tmp_path / "data",
+                              results_dir=tmp_path, images_dir=tmp_path, report_only=False, smoke=None)
+    monkeypatch.setattr(paper, "ARGS", args, raising=False)
+    metrics = {"test_top1": 0.5, "test_nll": 1.0, "test_ece": 0.1, "test_mean_confidence": 0.6, "train_seconds": 10.0}
+
+    def finish(out: Path) -> None:
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+
+    for method in paper.TABLE3_METHODS:  # an earlier sitting finished seed 1 of every method, and 1-hot's seed 0
+        finish(args.runs_dir / "small" / f"{method}-s1")
+    finish(args.runs_dir / "small" / "onehot-s0")
+    trained = []
+
+    def train(self, command: str, out: Path, flags: list[str]) -> bool:
+        if trained:
+            raise KeyboardInterrupt  # the sitting is stopped during its second run
+        finish(out)
+        trained.append(out.name)
+        return True
+
+    monkeypatch.setattr(paper.Runner, "train", train)
+    with pytest.raises(KeyboardInterrupt):
+        paper.sitting(paper.Runner(args), paper.table3, "small")
+    assert trained == ["ls-s0"]
+    rows = json.loads((tmp_path / "paper_table3_small.json").read_text())["rows"]
+    assert {method: len(runs) for method, runs in rows.items()} == {m: 2 if m in ("onehot", "ls") else 1 for m in paper.TABLE3_METHODS}
+    assert "| zipf | 0.5000 (n=1) |" in (tmp_path / "paper_table3_small.md").read_text()
+
+
 def test_flip_digits_benchmark_runs(tmp_path):
     run_script("benchmarks/flip_digits.py", "--seeds", "0", "--epochs", "1", "--results-dir", str(tmp_path))
     assert len(json.loads((tmp_path / "flip_digits.json").read_text())["results"]) == 2
@@ -107,11 +157,8 @@ def test_throughput_benchmark_smoke_measures_every_part(tmp_path):
 
 
 def test_table_cells_show_mean_std_timings_min_median_and_seed_counts():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from _seeds import cell, markdown_table
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    seeds = benchmark_module("_seeds")
+    cell, markdown_table = seeds.cell, seeds.markdown_table
     assert cell([], 4) == "-"
     assert cell([0.61], 4) == "0.6100 (n=1)"  # no spread from one seed
     assert cell([0.5, 0.7, 0.6], 2) == "0.60 +- 0.10 (n=3)"  # sample std
@@ -125,11 +172,7 @@ def test_table_cells_show_mean_std_timings_min_median_and_seed_counts():
 def test_readme_paper_tables_are_the_committed_results():
     # The README's copies of the paper tables are made by `paper_cifar10.py readme` from
     # benchmarks/results/paper_*.json, never typed: after new results, rerun it.
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import paper_cifar10
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    paper_cifar10 = benchmark_module("paper_cifar10")
     readme = (ROOT / "README.md").read_text()
     blocks = paper_cifar10.readme_blocks(ROOT / "benchmarks" / "results")
     assert set(blocks) == set(paper_cifar10.FIRST_COLUMN)
