@@ -163,7 +163,8 @@ def test_extra_tensors_in_file_are_ignored(tmp_path: Path) -> None:
     tensors["something_else"] = torch.zeros(2)
     path = tmp_path / "c.safetensors"
     save_file(tensors, str(path), metadata=meta)
-    load_cmatrix(path)
+    loaded, expected = load_cmatrix(path), make_cm()
+    assert torch.equal(loaded.probs, expected.probs) and loaded.class_names == expected.class_names
 
 
 # ---------------------------------------------------------------------------------------------
