@@ -15,8 +15,9 @@ Regimes (about the same compute; the paper ran 300 epochs on all the data):
   small: 500 training images per class (`--train-per-class 500`, picked with the run's seed;
          the whole test set), 60 epochs: 1-hot training overfits and turns over-confident;
   full:  all 50,000 training images, 10 epochs: the network has not yet overfit;
-  paper: all 50,000 training images, 300 epochs, as the paper: hours per run on a GPU. The runs fit
-         side by side on one GPU: start one runner per method (`--methods lspp`, ...) at once.
+  paper: all 50,000 training images, 300 epochs, as the paper: 4-8 hours a run on a 2-core CPU, so a
+         GPU's work. The runs fit side by side on one GPU: start one runner per method (`--methods
+         lspp`, ...) at once.
 
 Every run is a real `kd` command (printed before it starts) writing into --runs-dir (ignored
 by git). A run whose metrics.json exists is skipped, and an interrupted one resumes from its
