@@ -14,6 +14,7 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ONE_RUN = {"test_top1": 0.5, "test_nll": 1.0, "test_ece": 0.1, "test_mean_confidence": 0.6, "train_seconds": 10.0}  # what a table keeps of a run
 
 
 def benchmark_module(name: str) -> ModuleType:
@@ -96,11 +97,10 @@ def test_paper_runner_leaves_whole_tables_when_a_sitting_is_stopped(tmp_path, mo
     args = argparse.Namespace(seeds=[0], methods=None, runs_dir=tmp_path / "runs", data_dir=tmp_path / "data",
                               results_dir=tmp_path, images_dir=tmp_path, report_only=False, smoke=None)
     monkeypatch.setattr(paper, "ARGS", args, raising=False)
-    metrics = {"test_top1": 0.5, "test_nll": 1.0, "test_ece": 0.1, "test_mean_confidence": 0.6, "train_seconds": 10.0}
 
     def finish(out: Path) -> None:
         out.mkdir(parents=True)
-        (out / "metrics.json").write_text(json.dumps(metrics))
+        (out / "metrics.json").write_text(json.dumps(ONE_RUN))
 
     for method in paper.TABLE3_METHODS:  # an earlier sitting finished seed 1 of every method, and 1-hot's seed 0
         finish(args.runs_dir / "small" / f"{method}-s1")
@@ -163,8 +163,7 @@ def test_table_cells_show_mean_std_timings_min_median_and_seed_counts():
     assert cell([0.61], 4) == "0.6100 (n=1)"  # no spread from one seed
     assert cell([0.5, 0.7, 0.6], 2) == "0.60 +- 0.10 (n=3)"  # sample std
     assert cell([300.0, 100.0, 250.0], 0, timing=True) == "100 / 250 (n=3)"
-    runs = [{"test_top1": 0.5, "test_nll": 1.0, "test_ece": 0.1, "test_mean_confidence": 0.6, "train_seconds": 10.0}]
-    lines = markdown_table({"lspp": runs, "ols": []}, "method")
+    lines = markdown_table({"lspp": [ONE_RUN], "ols": []}, "method")
     assert lines[0].startswith("| method | top-1 |") and lines[2].startswith("| lspp | 0.5000 (n=1) |")
     assert lines[3] == "| ols | - | - | - | - | - |"
 
