@@ -22,7 +22,7 @@ METRICS = tuple(key for _, key, _ in COLUMNS)  # what a run contributes to a tab
 def run_kd(args: list[str], out: Path) -> dict:
     """One real `kd` run, through the console script's own entry point in this process (no
     interpreter start-up per run); its metrics.json. A failed run stops the benchmark with its error line."""
-    from cli.main import run_in_process
+    from lspp_kd.cli.main import run_in_process
 
     result = run_in_process([*args, "--out", str(out)])
     if result.returncode != 0:

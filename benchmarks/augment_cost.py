@@ -6,9 +6,9 @@ The CIFAR-10 copy is decoded once. Then, in every repeat (after an untimed warm-
 a rotating order:
 
 * each augmentation alone, and the two goal pipelines, are timed on real batches of
-  `--batch-size` uint8 images through the toolkit's own `kd.augment` pipeline (normalisation
+  `--batch-size` uint8 images through the toolkit's own `kd.data.augment` pipeline (normalisation
   included, `--batches` batches each);
-* whole training steps are timed through the engine (`fit`, `--steps` steps) with no
+* whole training steps are timed through the training loop (`fit`, `--steps` steps) with no
   augmentation, with crop,flip,cutout,mixup,cutmix, and with randaugment.
 
 Reported: per-op milliseconds per batch (min and median over repeats), each op's share of the
@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from kd.augment import AugmentOptions, build_pipeline
-from kd.datasets import load_dataset
-from kd.engine import FitConfig, TrainModule, fit, make_accelerator
-from kd.loader import Normalize
+from kd.data.augment import AugmentOptions, build_pipeline
+from kd.data.datasets import load_dataset
+from kd.data.loader import Normalize
 from kd.methods import build_method
-from kd.models import build_model
+from kd.models.networks import build_model
+from kd.training.loop import TrainModule, fit, make_accelerator
+from kd.training.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from student_modes import RESULTS, ROOT, ensure_cifar10  # noqa: E402
@@ -74,9 +75,8 @@ def main() -> None:
         set_seed(0)
         net = build_model(args.model, data.num_classes, data.channels, data.image_size)
         module = TrainModule(net, build_method("lspp", data.num_classes))
-        config = FitConfig(epochs=1, batch_size=args.batch_size, lr=0.05, weight_decay=5e-4, max_steps=args.steps,
-                           evaluate=False, augment=AugmentOptions(names))
-        result = fit(module, data, config, accelerator, desc="+".join(names) or "none")
+        settings = Settings(epochs=1, batch_size=args.batch_size, lr=0.05, weight_decay=5e-4, max_steps=args.steps)
+        result = fit(module, data, settings, accelerator, augment=AugmentOptions(names), evaluate=False, desc="+".join(names) or "none")
         return result.train_seconds / result.steps * 1000
 
     print(f"{data.describe()} | {args.model} | batch {args.batch_size} | {args.repeats} repeats", flush=True)

@@ -25,7 +25,7 @@ VARIANTS = {"--augment crop": ["--augment", "crop"], "--augment crop,flip (the I
 
 
 def digits_folder(root: Path) -> Path:
-    from kd.datasets import load_dataset
+    from kd.data.datasets import load_dataset
 
     if (root / "test").is_dir():
         return root

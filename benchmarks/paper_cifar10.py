@@ -8,7 +8,7 @@
     python benchmarks/paper_cifar10.py table6                   # Table 6: students of AlexNet teachers, small data
     python benchmarks/paper_cifar10.py table7                   # Table 7: with cutout / mixup / cutmix / randaugment, small data
     python benchmarks/paper_cifar10.py all                      # everything above, in that order
-    python benchmarks/paper_cifar10.py readme                   # the README's tables, from the results files
+    python benchmarks/paper_cifar10.py readme                   # the tables in the README and docs, from the results files
     options: [--seeds 0 1 2] [--methods ...] [--runs-dir runs/paper] [--data-dir .data/cifar10-jpeg]
 
 Regimes (about the same compute; the paper ran 300 epochs on all the data):
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _seeds import COLUMNS, KD, RESULTS, cell, markdown_table, table_metrics  # noqa: E402
 from student_modes import ROOT, ensure_cifar10  # noqa: E402
 
-from cli.main import run_in_process  # noqa: E402
+from lspp_kd.cli.main import run_in_process  # noqa: E402
 from kd.io import write_text_atomic  # noqa: E402
 
 IMAGES = ROOT / "docs" / "images"
@@ -57,6 +57,11 @@ ARGS: argparse.Namespace  # the command line, set by main()
 FIRST_COLUMN = {"table3_small": "method", "table3_full": "method", "table3_paper": "method", "table5": "--c-loss",
                 "table6": "student (LeNet, 62k params)", "table7": "method + augmentation"}
 README = ROOT / "README.md"
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    """The files that may hold `<!-- paper:NAME -->` blocks: README.md and every docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
 class Runner:
@@ -123,7 +128,7 @@ def table_command(name: str) -> str:
 
 
 def readme_blocks(results: Path) -> dict[str, str]:
-    """The README's copy of each table, made from its results file (without the train-time column:
+    """The README's and docs' copy of each table, made from its results file (without the train-time column:
     those times were taken while other work shared the cores); for a table not run yet, its command."""
     blocks = {}
     for name, first in FIRST_COLUMN.items():
@@ -143,15 +148,19 @@ def block_pattern(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- paper:{name} -->\n)(.*?)(\n<!-- /paper:{name} -->)", re.DOTALL)
 
 
-def update_readme(readme: Path, results: Path) -> list[str]:
-    """Rewrite each `<!-- paper:NAME -->` block of the README from the results; the names rewritten."""
-    text, done = readme.read_text(), []
-    for name, block in readme_blocks(results).items():
-        text, found = block_pattern(name).subn(lambda m: m.group(1) + block + m.group(3), text)
-        if found:
-            done.append(name)
-    readme.write_text(text)
-    return done
+def update_readme(readme: Path | list[Path], results: Path) -> list[str]:
+    """Rewrite each `<!-- paper:NAME -->` block, wherever it is (README.md, docs/*.md: a block may
+    be in several files), from the results; the names rewritten. `readme` is one file or a list."""
+    blocks, done = readme_blocks(results), []
+    for path in [readme] if isinstance(readme, Path) else readme:
+        text = original = path.read_text()
+        for name, block in blocks.items():
+            text, found = block_pattern(name).subn(lambda m: m.group(1) + block + m.group(3), text)
+            if found and name not in done:
+                done.append(name)
+        if text != original:
+            write_text_atomic(path, text)
+    return [name for name in blocks if name in done]
 
 
 def table3(runner: Runner, regime: str) -> None:
@@ -171,8 +180,8 @@ def table3(runner: Runner, regime: str) -> None:
 def fig3(runner: Runner) -> None:
     import torch
 
-    from kd.cmatrix import load_cmatrix
-    from kd.plots import plot_cmatrix
+    from kd.cmatrix.artifact import load_cmatrix
+    from kd.reports.plots import plot_cmatrix
 
     out, metrics = runner.teacher("small", "lspp", 0)
     if metrics is None:
@@ -189,8 +198,8 @@ def fig3(runner: Runner) -> None:
 
 
 def table5(runner: Runner) -> None:
-    from kd.cmatrix import load_cmatrix, normalised_row_entropy
-    from kd.plots import plot_cmatrix
+    from kd.cmatrix.artifact import load_cmatrix, normalised_row_entropy
+    from kd.reports.plots import plot_cmatrix
 
     rows, entropy = {}, {}
     for seed in ALL_SEEDS:
@@ -286,7 +295,8 @@ def main() -> None:
     global ARGS
     ARGS = args
     if args.experiment == "readme":
-        print("rewrote README.md tables: " + ", ".join(update_readme(README, args.results_dir)))
+        files = documents()
+        print("rewrote the tables in README.md and docs/*.md: " + ", ".join(update_readme(files, args.results_dir)))
         return
     args.images_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(args)

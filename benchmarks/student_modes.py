@@ -4,7 +4,7 @@
         [--teacher RUN_DIR | --teacher-model alexnet_cifar3x3] [--steps 40] [--repeats 5] [--batch-size 128]
 
 The dataset is decoded once; then, for each repeat, the three modes train the same student
-(same seed, same batches) for a fixed number of steps through the toolkit's own engine, one
+(same seed, same batches) for a fixed number of steps through the toolkit's own loop (`fit`), one
 after the other, in a rotating order. Ratios are taken within a repeat (side by side, same
 machine state) and reported as min and median over repeats. One untimed warm-up round runs
 first. Step time does not depend on the weights, so without --teacher a randomly initialised
@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from kd.cmatrix import CMatrix, load_cmatrix
-from kd.datasets import load_dataset
-from kd.engine import FitConfig, TrainModule, fit, make_accelerator
-from kd.lspp import DEFAULT_ALPHA
+from kd.cmatrix.artifact import CMatrix, load_cmatrix
+from kd.data.datasets import load_dataset
+from kd.losses import DEFAULT_ALPHA
 from kd.methods import build_method
-from kd.models import build_model, count_parameters
-from kd.rundir import CMATRIX_FILE, load_run_model
+from kd.models.networks import build_model, count_parameters
+from kd.training.loop import TrainModule, fit, make_accelerator
+from kd.training.rundir import CMATRIX_FILE, load_run_model
+from kd.training.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -89,11 +90,10 @@ def main() -> None:
         given = {"plain": {}, "proxy": {"cmatrix": cmatrix}, "kd": {"teacher": teacher}}[mode]
         return TrainModule(student, build_method(METHOD[mode], data.num_classes, data.class_names, **given))
 
-    config = FitConfig(epochs=1, batch_size=args.batch_size, lr=0.05, weight_decay=5e-4,
-                       seed=0, max_steps=args.steps, evaluate=False)
+    settings = Settings(epochs=1, batch_size=args.batch_size, lr=0.05, weight_decay=5e-4, seed=0, max_steps=args.steps)
 
     def step_seconds(mode: str) -> tuple[float, float | None]:
-        result = fit(module_for(mode), data, config, accelerator, desc=mode)
+        result = fit(module_for(mode), data, settings, accelerator, evaluate=False, desc=mode)
         return result.train_seconds / result.steps, result.method_metrics.get("teacher_forward_share")
 
     print(f"{data.describe()} | student {args.student} | teacher {teacher_name} | {args.steps} steps x {args.repeats} repeats", flush=True)

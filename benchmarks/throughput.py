@@ -11,7 +11,7 @@ Parts (each repeat runs ours, then the baseline: interleaved, never all-A-then-a
 steps are never timed; min and median over the repeats, ratios of the medians and of the mins):
 
   teacher     training img/s of the paper's AlexNet and LeNet with LS++ on the CIFAR-10 JPEG copy,
-              batch 128: ours (`kd.engine.fit`, method lspp, in-memory data, the default crop,flip
+              batch 128: ours (`kd.training.loop.fit`, method lspp, in-memory data, the default crop,flip
               augmentation, no evaluation) vs the paper's reference recipe (torchvision ImageFolder
               with per-sample PIL transforms, DataLoader(shuffle, num_workers=2), SGD Nesterov, and
               LS++ building and softmaxing the whole K x K matrix every step).
@@ -19,7 +19,7 @@ steps are never timed; min and median over the repeats, ratios of the medians an
               backward + SGD update) at K = 10, 100, 1000: CE vs our LS++ vs the reference LS++;
               and a whole training step of AlexNet (K-way head, random 32x32 images) at K = 100 and
               1000 with CE, our LS++ and the reference LS++ (goal: LS++ / CE <= 1.02).
-  students    step time of LeNet students through the engine on the same data: plain (1-hot),
+  students    step time of LeNet students through the training loop on the same data: plain (1-hot),
               proxy (a random C-matrix) and KD (a random-init AlexNet teacher, several times the
               student's cost); ratios proxy / plain and KD / plain.
   memory      peak RSS (metrics.json's peak_memory_mb, ru_maxrss) of a short `kd train-teacher`
@@ -69,12 +69,15 @@ sys.path.insert(0, str(ROOT))  # `tests.conftest` (the smoke data slice) and `cl
 
 from accelerate.utils import set_seed  # noqa: E402
 
-from kd.cmatrix import CMatrix  # noqa: E402
-from kd.datasets import ImageDataset, load_dataset  # noqa: E402
-from kd.engine import FitConfig, TrainModule, build_optimizer, fit, make_accelerator  # noqa: E402
-from kd.lspp import DEFAULT_ALPHA, insert_diagonal, remove_diagonal  # noqa: E402
+from kd.cmatrix.artifact import CMatrix  # noqa: E402
+from kd.data.datasets import ImageDataset, load_dataset  # noqa: E402
+from kd.device import synchronize  # noqa: E402
+from kd.losses import DEFAULT_ALPHA, insert_diagonal, remove_diagonal  # noqa: E402
 from kd.methods import StepContext, build_method  # noqa: E402
-from kd.models import build_model, count_parameters  # noqa: E402
+from kd.models.networks import build_model, count_parameters  # noqa: E402
+from kd.training.loop import TrainModule, fit, make_accelerator  # noqa: E402
+from kd.training.optim import MOMENTUM, build_optimizer  # noqa: E402
+from kd.training.settings import Settings  # noqa: E402
 
 PARTS = ("teacher", "loss", "students", "memory", "startup", "first-step")
 NAME = "throughput"
@@ -84,7 +87,7 @@ STUDENT_MODES = {"plain": "onehot", "proxy": "proxy", "kd": "kd"}
 LOSS_VARIANTS = ("ce", "lspp", "reference")  # ours ("lspp") right after CE, then the reference
 LOSS_NAMES = {"ce": "cross-entropy", "lspp": "LS++ (ours)", "reference": "LS++ (reference, whole K x K matrix)"}
 FEATURES = 512
-LR, WEIGHT_DECAY, MOMENTUM = 0.05, 5e-4, 0.9
+LR, WEIGHT_DECAY = 0.05, 5e-4  # and the loop's SGD momentum, MOMENTUM
 # The reference recipe's normalisation (the usual CIFAR-10 channel statistics).
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -118,11 +121,6 @@ SMOKE = Plan(batch_size=32, repeats=1, launches=2, teacher_warmup=1, teacher_ste
 
 
 # ----------------------------------------------------------------------------- timing helpers
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -204,7 +202,7 @@ class ReferenceLSPP(nn.Module):
     dim=1) over the whole matrix, targets t = (1 - a) onehot(y) + a C[y] in probability space,
     the network trained by the soft cross-entropy H(t.detach(), p) and C by the "detached" C loss
     H(p.detach(), t) = -sum p.detach() log t. The same two terms (and their sum) as
-    `kd.lspp.lspp_terms(..., c_loss="detached")`; `check_reference` verifies it.
+    `kd.losses.lspp_terms(..., c_loss="detached")`; `check_reference` verifies it.
     """
 
     def __init__(self, num_classes: int, alpha: float = DEFAULT_ALPHA) -> None:
@@ -223,7 +221,7 @@ class ReferenceLSPP(nn.Module):
 
 
 class ReferenceMethod(nn.Module):
-    """`ReferenceLSPP` with the engine's method call signature, for `TrainModule`."""
+    """`ReferenceLSPP` with the loop's method call signature, for `TrainModule`."""
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -393,18 +391,18 @@ def smoke_folder(dest: Path) -> Path:
 
 
 def fit_steps(bench: Bench, module: TrainModule, steps: int, desc: str) -> Any:
-    """`steps` optimizer steps through the engine (no evaluation); the FitResult."""
+    """`steps` optimizer steps through the training loop (no evaluation); the FitResult."""
     per_epoch = max(len(bench.data.train) // bench.plan.batch_size, 1)
-    config = FitConfig(epochs=math.ceil(steps / per_epoch), batch_size=bench.plan.batch_size, lr=LR, weight_decay=WEIGHT_DECAY,
-                       seed=0, max_steps=steps, evaluate=False, momentum=MOMENTUM)
-    return fit(module, bench.data, config, bench.accelerator, desc=desc)
+    settings = Settings(epochs=math.ceil(steps / per_epoch), batch_size=bench.plan.batch_size, lr=LR, weight_decay=WEIGHT_DECAY,
+                        seed=0, max_steps=steps)
+    return fit(module, bench.data, settings, bench.accelerator, evaluate=False, desc=desc)
 
 
 # ----------------------------------------------------------------------------- part 1: teacher
 
 
 def ours_teacher(bench: Bench, model: str, steps: int) -> tuple[float, int]:
-    """Seconds and images for `steps` LS++ steps through the engine (its own training clock)."""
+    """Seconds and images for `steps` LS++ steps through the training loop (its own training clock)."""
     data = bench.data
     set_seed(0)
     net = build_model(model, data.num_classes, data.channels, data.image_size)
@@ -532,7 +530,7 @@ def loss_step_seconds(bench: Bench, variant: str, num_classes: int) -> float:
 
 
 def full_step_seconds(bench: Bench, variant: str, num_classes: int) -> float:
-    """Seconds per training step of the paper's AlexNet (K-way head, random 32x32 RGB images), as the engine steps."""
+    """Seconds per training step of the paper's AlexNet (K-way head, random 32x32 RGB images), as the training loop steps."""
     plan, device = bench.plan, bench.device
     generator = torch.Generator().manual_seed(num_classes)
     images = torch.randn(4, plan.batch_size, 3, 32, 32, generator=generator).to(device)
@@ -695,24 +693,22 @@ def part_startup(bench: Bench) -> dict[str, Any]:
 
 # Run as `python -c FIRST_STEP_HOOK train-teacher ...`: the `kd` console script (cli.entry:main)
 # with one addition, a byte written to the pipe in KD_BENCH_FIRST_STEP_FD once the first
-# optimizer step (forward, backward, update) is done.
+# optimizer step (forward, backward, update) is done: torch's global optimizer step hook, so
+# nothing in the training loop needs to know.
 FIRST_STEP_HOOK = """
 import os, sys
-import kd.engine as engine
-_micro_step = engine._Loop._micro_step
-def _first(self, *args, **kwargs):
-    parts = _micro_step(self, *args, **kwargs)
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+def _first(optimizer, args, kwargs):
     fd = os.environ.pop("KD_BENCH_FIRST_STEP_FD", None)
     if fd is not None:
-        import torch
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         os.write(int(fd), b"1")
         os.close(int(fd))
-    return parts
-engine._Loop._micro_step = _first
+register_optimizer_step_post_hook(_first)
 sys.argv[0] = "kd"
-from cli.entry import main
+from lspp_kd.cli.entry import main
 sys.exit(main())
 """
 
@@ -732,7 +728,7 @@ def part_first_step(bench: Bench) -> dict[str, Any]:
         result = launch([sys.executable, "-c", FIRST_STEP_HOOK, *command[1:]], env=env, first_step=True)
         if result.first_step_seconds is None:
             raise SystemExit("first-step: the run finished without reporting its first step "
-                             "(kd.engine._Loop._micro_step, which FIRST_STEP_HOOK wraps, has changed?)")
+                             "(did FIRST_STEP_HOOK's optimizer step hook not fire?)")
         runs.append({"first_step_seconds": result.first_step_seconds, "command_seconds": result.wall_seconds,
                      "train_seconds": json.loads((out / "metrics.json").read_text())["train_seconds"]})
         print(f"first-step launch {index + 1}: first step done at {result.first_step_seconds:.1f} s, "
@@ -762,8 +758,8 @@ def fmt_ms(seconds: float) -> str:
 def md_teacher(part: dict) -> list[str]:
     lines = [
         f"{part['dataset']}; batch {part['batch_size']}; {part['steps']} timed steps after {part['warmup_steps']} warm-up "
-        f"steps; {part['repeats']} repeats. Ours: `kd.engine.fit`, method lspp, in-memory uint8 data, augment "
-        f"{part['augment']} on the batch, no evaluation (the engine's own training clock). Baseline, the paper's reference "
+        f"steps; {part['repeats']} repeats. Ours: `kd.training.loop.fit`, method lspp, in-memory uint8 data, augment "
+        f"{part['augment']} on the batch, no evaluation (the loop's own training clock). Baseline, the paper's reference "
         "recipe: torchvision ImageFolder, per-sample PIL RandomCrop(32, padding=4, reflect) + RandomHorizontalFlip + "
         f"ToTensor + Normalize, DataLoader(batch {part['batch_size']}, shuffle, num_workers=2), SGD Nesterov 0.9, LS++ over the whole "
         "K x K matrix every step (checked equal to ours: same loss and gradients).",
@@ -799,7 +795,7 @@ def md_loss(part: dict) -> list[str]:
         *table(part["results"]["loss_only"], "us/step", 1e6),
         "",
         f"A whole training step of the paper's AlexNet with a K-way head on random 32x32 RGB images, batch {part['batch_size']} "
-        f"(as the engine steps: TrainModule, SGD Nesterov with weight-decay groups), {part['step_steps']} timed steps after "
+        f"(as the training loop steps: TrainModule, SGD Nesterov with weight-decay groups), {part['step_steps']} timed steps after "
         f"{part['step_warmup_steps']} warm-up. Goal: LS++ / CE <= 1.02.",
         "",
         *table(part["results"]["alexnet_step"], "ms/step", 1e3),
@@ -811,7 +807,7 @@ def md_students(part: dict) -> list[str]:
     lines = [
         f"{part['dataset']}; student {part['student']} ({part['student_parameters']:,} params), teacher {part['teacher']} "
         f"({part['teacher_parameters']:,} params); batch {part['batch_size']}, {part['steps']} steps per run after a "
-        f"warm-up round, {part['repeats']} repeats (plain, proxy, kd in every repeat), through `kd.engine.fit`.",
+        f"warm-up round, {part['repeats']} repeats (plain, proxy, kd in every repeat), through `kd.training.loop.fit`.",
         "",
         "| mode | step ms (min) | step ms (median) | / plain (medians) | / plain (mins) |",
         "|---|---|---|---|---|",

@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from cli.plot_commands import cmatrix_plot_command
+from lspp_kd.cli.files import check_out_file, check_png_name
+from lspp_kd.cli.plot_commands import cmatrix_plot_command
 from kd.errors import KDError
-from kd.pretrained import TEACHER_CLASSES_HELP, TEACHER_IMAGE_SIZE_HELP, TEACHER_MODEL_HELP, TEACHER_WEIGHTS_HELP
-
-if TYPE_CHECKING:
-    from kd.datasets import ImageDataset
+from kd.models.pretrained import TEACHER_CLASSES_HELP, TEACHER_IMAGE_SIZE_HELP, TEACHER_MODEL_HELP, TEACHER_WEIGHTS_HELP
 
 FILE = click.Path(dir_okay=False)
 CLASSES_FROM_HELP = (
@@ -47,7 +44,7 @@ def cmatrix_group() -> None:
 
 def _classes_from(spec: str, data_dir: str | None) -> list[str]:
     """Class names from a C-matrix file or a dataset name (see CLASSES_FROM_HELP)."""
-    from kd.cmatrix import load_cmatrix
+    from kd.cmatrix.artifact import load_cmatrix
 
     path = Path(spec)
     if path.is_file():
@@ -57,7 +54,7 @@ def _classes_from(spec: str, data_dir: str | None) -> list[str]:
             f"--classes-from {spec}: is a directory; for an ImageFolder tree use "
             f"--classes-from imagefolder --data-dir {spec}"
         )
-    from kd.datasets import DATASET_NAMES, dataset_class_names, normalise_dataset_name
+    from kd.data.datasets import DATASET_NAMES, dataset_class_names, normalise_dataset_name
 
     if normalise_dataset_name(spec) not in DATASET_NAMES:
         raise KDError(
@@ -66,44 +63,13 @@ def _classes_from(spec: str, data_dir: str | None) -> list[str]:
     return dataset_class_names(spec, data_dir)
 
 
-def check_out_file(out: str, overwrite: bool, example: str = "cmatrix.safetensors") -> Path:
-    """The --out file to write: refused if it is a directory, exists without `overwrite`, or its folder is missing."""
-    path = Path(out)
-    if path.is_dir():
-        raise KDError(f"--out {out} is a directory; give a file name, e.g. {path / example}")
-    if path.exists() and not overwrite:
-        raise KDError(f"--out {out} already exists; pass --overwrite to replace it")
-    parent = path.parent
-    if not parent.is_dir():
-        raise KDError(f"--out {out}: directory {parent} does not exist")
-    return path
-
-
-def load_run_dataset(run_dir: str, config: dict, dataset: str | None = None, data_dir: str | None = None) -> ImageDataset:
-    """The dataset a run was trained on (or `dataset` / `data_dir`), at the run's image size, with
-    the run's training subset (`--train-per-class`, the same seed) unless another dataset is given.
-
-    `config` is the run's config.json (`kd.rundir.load_run_model` returns it). The dataset's
-    class names must be the run's, in order, or it is a one-line KDError.
-    """
-    from kd.datasets import load_dataset, train_per_class
-
-    data = load_dataset(dataset or config.get("dataset", "digits"), data_dir or config.get("data_dir"),
-                        image_size=config["image_size"], skip_bad_images=bool(config.get("skip_bad_images")))
-    if config.get("train_per_class") and dataset is None and data_dir is None:
-        data = train_per_class(data, config["train_per_class"], config.get("seed", 0))
-    if list(data.class_names) != list(config["class_names"]):
-        raise KDError(f"the dataset's classes differ from those the run in {run_dir} was trained on")
-    return data
-
-
 def _short(sha: str) -> str:
     return sha[:12]
 
 
 def _write(out: Path, cm, inputs: Sequence[tuple[str, dict]]) -> None:
-    from cli.cmatrix_display import summary_line
-    from kd.cmatrix import save_cmatrix
+    from lspp_kd.cli.cmatrix_display import summary_line
+    from kd.cmatrix.artifact import save_cmatrix
 
     save_cmatrix(out, cm)
     origin = ", ".join(f"{path} sha256 {_short(entry['sha256'])}" for path, entry in inputs)
@@ -126,8 +92,8 @@ def cmatrix_validate_command(files: tuple[str, ...], classes_from: str | None, d
     A valid file prints `OK   FILE: K=.. source=.. dataset=.. teacher=.. alpha=..`, an invalid
     one `FAIL FILE: <reason>`. All files are checked; the exit status is 1 if any failed.
     """
-    from cli.cmatrix_display import summary_line
-    from kd.cmatrix import PEAKED_ENTROPY, CMatrixError, check_class_names, file_sha256, load_cmatrix, peaked_rows, quoted_names
+    from lspp_kd.cli.cmatrix_display import summary_line
+    from kd.cmatrix.artifact import PEAKED_ENTROPY, CMatrixError, check_class_names, file_sha256, load_cmatrix, peaked_rows, quoted_names
 
     expected = _classes_from(classes_from, data_dir) if classes_from is not None else None
     failed = 0
@@ -175,8 +141,8 @@ def cmatrix_validate_command(files: tuple[str, ...], classes_from: str | None, d
     "({class: [[name, prob], ...]}) and the raw metadata."))
 def cmatrix_show_command(file: str, top: int, as_json: bool) -> None:
     """Print, for each class, its top non-target classes and their probabilities."""
-    from cli.cmatrix_display import format_show, show_dict
-    from kd.cmatrix import load_cmatrix
+    from lspp_kd.cli.cmatrix_display import format_show, show_dict
+    from kd.cmatrix.artifact import load_cmatrix
 
     cm = load_cmatrix(file)
     if as_json:
@@ -201,9 +167,9 @@ def cmatrix_diff_command(a: str, b: str, as_json: bool) -> None:
     and in B and whether they agree, and Spearman's rank correlation rho of the row. A summary
     line gives the means and the classes found in only one file. Needs 3 shared classes.
     """
-    from cli.cmatrix_display import format_diff
-    from kd.cmatrix import load_cmatrix
-    from kd.cmatrix_diff import diff
+    from lspp_kd.cli.cmatrix_display import format_diff
+    from kd.cmatrix.artifact import load_cmatrix
+    from kd.cmatrix.diff import diff
 
     result = diff(load_cmatrix(a), load_cmatrix(b))
     if as_json:
@@ -234,8 +200,8 @@ def cmatrix_subset_command(
     So a C-matrix learned on 100 classes serves a task on 10 of them. The ratios between kept
     entries of a row are unchanged. The result has source=subset and records FILE's SHA-256.
     """
-    from kd.cmatrix import load_cmatrix
-    from kd.cmatrix_ops import source_entry, subset
+    from kd.cmatrix.artifact import load_cmatrix
+    from kd.cmatrix.ops import source_entry, subset
 
     if (classes is None) == (classes_from is None):
         raise KDError("subset needs exactly one of --classes A,B,C or --classes-from FILE_OR_DATASET")
@@ -262,8 +228,8 @@ def cmatrix_merge_command(files: tuple[str, ...], out: str, overwrite: bool) -> 
     mean of the files' rows, alpha the mean alpha; teacher_top1 is left unknown. Every file must
     have the same set of class names (use subset first otherwise).
     """
-    from kd.cmatrix import load_cmatrix
-    from kd.cmatrix_ops import merge, source_entry
+    from kd.cmatrix.artifact import load_cmatrix
+    from kd.cmatrix.ops import merge, source_entry
 
     if len(files) < 2:
         raise KDError(f"merge needs at least 2 files, got {len(files)}")
@@ -285,8 +251,8 @@ def cmatrix_remap_command(file: str, classes_from: str, data_dir: str | None, ou
 
     The result has source=remap and records FILE's SHA-256. To drop classes, use subset.
     """
-    from kd.cmatrix import load_cmatrix
-    from kd.cmatrix_ops import remap, source_entry
+    from kd.cmatrix.artifact import load_cmatrix
+    from kd.cmatrix.ops import remap, source_entry
 
     target = check_out_file(out, overwrite)
     names = _classes_from(classes_from, data_dir)
@@ -320,10 +286,11 @@ def from_teacher_command(run_dir: str | None, teacher_model: str | None, teacher
     --teacher-weights FILE), which sees the data de-normalised, resized to its input size and
     normalised with its own mean and std.
     """
-    from kd.cmatrix import save_cmatrix
-    from kd.engine import make_accelerator
-    from kd.posthoc import posthoc_cmatrix
-    from kd.pretrained import check_pretrained_flags, load_pretrained_teacher, load_run_teacher
+    from kd.cmatrix.artifact import save_cmatrix
+    from kd.cmatrix.posthoc import posthoc_cmatrix
+    from kd.models.pretrained import check_pretrained_flags, load_pretrained_teacher, load_run_teacher
+    from kd.training.loop import make_accelerator
+    from kd.training.run_data import load_run_data
 
     if (run_dir is None) == (teacher_model is None):
         raise KDError("from-teacher needs exactly one of RUN_DIR or --teacher-model NAME (with --teacher-weights FILE)")
@@ -333,9 +300,9 @@ def from_teacher_command(run_dir: str | None, teacher_model: str | None, teacher
     target = check_out_file(out, overwrite)
     if run_dir is not None:
         teacher, config = load_run_teacher(run_dir)
-        data = load_run_dataset(run_dir, config, dataset, data_dir)
+        data = load_run_data(run_dir, config, dataset, data_dir)
     else:
-        from kd.datasets import load_dataset
+        from kd.data.datasets import load_dataset
 
         pretrained = load_pretrained_teacher(teacher_model, teacher_weights, teacher_image_size, teacher_classes)
         data = load_dataset(dataset or "digits", data_dir)
@@ -364,15 +331,15 @@ def cmatrix_card_command(file: str, out: str | None, image: str | None, top: int
     """
     import os
 
-    from cli.cmatrix_display import format_card
-    from kd.cmatrix import file_sha256, load_cmatrix
+    from lspp_kd.cli.cmatrix_display import format_card
+    from kd.cmatrix.artifact import file_sha256, load_cmatrix
     from kd.io import write_text_atomic
-    from kd.plots import plot_cmatrix
+    from kd.reports.plots import plot_cmatrix
 
     card_path = check_out_file(out, overwrite, example="CARD.md") if out is not None else None
-    image_path = check_out_file(image, overwrite, example="cmatrix.png") if image is not None else None
-    if image_path is not None and image_path.suffix.lower() != ".png":
-        raise KDError(f"--image {image}: the heatmap is a PNG; give a file name ending in .png")
+    image_path = check_out_file(image, overwrite, example="cmatrix.png", flag="--image") if image is not None else None
+    if image is not None:
+        check_png_name(image, "the heatmap", flag="--image")
     if card_path is not None and image_path is not None and card_path.resolve() == image_path.resolve():
         raise KDError(f"--out and --image are the same file ({out}); give the card and the heatmap different names")
     cm = load_cmatrix(file)

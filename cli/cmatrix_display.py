@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from kd.cmatrix import CMatrix, CMatrixError, quoted, quoted_names
-from kd.cmatrix_diff import CMatrixDiff
-from kd.lspp import remove_diagonal
+from kd.cmatrix.artifact import CMatrix, CMatrixError, quoted, quoted_names
+from kd.cmatrix.diff import CMatrixDiff
+from kd.losses import remove_diagonal
 
 
 def top_neighbours(cm: CMatrix, top: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:

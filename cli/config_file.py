@@ -17,9 +17,10 @@ from typing import Any, Callable
 import click
 
 from kd.errors import one_line
+from kd.training.settings import RUN_SETTINGS
 
 # config.json keys that say where and how a run was written, not what it trains.
-_RUN_LOCATION = ("out", "overwrite", "resume")
+_RUN_LOCATION = tuple(setting.name for setting in RUN_SETTINGS if not setting.rerun)
 # config.json records the augmentation parameters resolved, in this dict, not as flags.
 _RESOLVED_AUGMENT = "augment_options"
 

@@ -20,7 +20,7 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
-    from cli.main import main as run
+    from lspp_kd.cli.main import main as run
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, KeyboardInterrupt as usual
     run()

@@ -15,15 +15,15 @@ from kd.errors import KDError, one_line
 # attribute, and the one-line help `kd --help` lists without importing anything (a test
 # checks it equals each command's own).
 COMMANDS = {
-    "train-teacher": ("cli.commands:train_teacher_command",
+    "train-teacher": ("lspp_kd.cli.commands:train_teacher_command",
                       "Train a teacher network (with LS++ by default) and export its cmatrix.safetensors."),
-    "distill": ("cli.commands:distill_command",
+    "distill": ("lspp_kd.cli.commands:distill_command",
                 ("Train a student: from a proxy C-matrix (--proxy), a teacher network (--teacher RUN_DIR, or a "
                  "pretrained --teacher-model NAME with --teacher-weights FILE), or plain labels.")),
-    "cmatrix": ("cli.cmatrix_commands:cmatrix_group", "Inspect, check and transform C-matrix files (cmatrix.safetensors)."),
-    "methods": ("cli.commands:methods_command", "List the training methods, the stages they serve and their parameters."),
-    "compare": ("cli.commands:compare_command", "Compare runs side by side: accuracy, calibration, time and memory."),
-    "plot": ("cli.plot_commands:plot_command", "Draw a finished run's figures into --out."),
+    "cmatrix": ("lspp_kd.cli.cmatrix_commands:cmatrix_group", "Inspect, check and transform C-matrix files (cmatrix.safetensors)."),
+    "methods": ("lspp_kd.cli.commands:methods_command", "List the training methods, the stages they serve and their parameters."),
+    "compare": ("lspp_kd.cli.commands:compare_command", "Compare runs side by side: accuracy, calibration, time and memory."),
+    "plot": ("lspp_kd.cli.plot_commands:plot_command", "Draw a finished run's figures into --out."),
 }
 
 

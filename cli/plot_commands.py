@@ -1,28 +1,29 @@
 """Figures from the command line: `kd cmatrix plot FILE --out PNG` and `kd plot RUN_DIR --out DIR`.
 
 `cmatrix_plot_command` is registered in the `kd cmatrix` group (cli/cmatrix_commands.py);
-`plot_command` is a top-level command for cli/main.py. The drawing is `kd.plots`'s business;
+`plot_command` is a top-level command for cli/main.py. The drawing is `kd.reports.plots`'s business;
 these commands check their inputs and outputs first and report every problem in one line.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
-from torch import nn
 
+from lspp_kd.cli.files import check_out_file, check_png_name
 from kd.errors import KDError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from kd.data.datasets import ImageDataset
 
 RELIABILITY_FILE = "reliability.png"
 CURVES_FILE = "curves.png"
 CMATRIX_PNG = "cmatrix.png"
-
-
-def _check_png_name(out: str) -> None:
-    if Path(out).suffix.lower() != ".png":
-        raise KDError(f"--out {out}: the figure is a PNG; give a file name ending in .png")
 
 
 @click.command("plot")
@@ -36,13 +37,12 @@ def cmatrix_plot_command(file: str, out: str, overwrite: bool, title: str | None
     The diagonal is blank (it is 0 by construction). Up to 20 classes every cell shows its
     probability; with more, the figure grows and the class names get small and thinned.
     """
-    from cli.cmatrix_commands import check_out_file
-    from cli.cmatrix_display import summary_line
-    from kd.cmatrix import load_cmatrix
-    from kd.plots import plot_cmatrix
+    from lspp_kd.cli.cmatrix_display import summary_line
+    from kd.cmatrix.artifact import load_cmatrix
+    from kd.reports.plots import plot_cmatrix
 
     target = check_out_file(out, overwrite, example="cmatrix.png")
-    _check_png_name(out)
+    check_png_name(out)
     cm = load_cmatrix(file)
     plot_cmatrix(cm, target, title=title)
     click.echo(f"wrote {out}: {summary_line(cm)}")
@@ -61,19 +61,13 @@ def _prepare_out_dir(out: str, names: list[str], overwrite: bool) -> Path:
     return path
 
 
-@torch.no_grad()
-def predict_test_split(net: nn.Module, data, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_test_split(net: nn.Module, data: ImageDataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) logits and (N,) labels of the whole test split, in order, on the CPU in float32."""
-    from kd.loader import DeviceBatches
+    from kd.training.evaluate import predict
 
-    net = net.to("cpu").eval()
-    logits, labels = [], []
-    for images, batch_labels, valid in DeviceBatches(data, "test", batch_size, torch.device("cpu"), training=False):
-        logits.append(net(images).float()[valid])
-        labels.append(batch_labels[valid])
-    if not logits:
+    if len(data.test) == 0:
         raise KDError(f"the {data.name} test split is empty: nothing to draw a reliability diagram of")
-    return torch.cat(logits), torch.cat(labels)
+    return predict(net, data, "test", batch_size)
 
 
 @click.command("plot")
@@ -92,10 +86,10 @@ def plot_command(run_dir: str, out: str, overwrite: bool, bins: int, batch_size:
     CPU with the run's model.safetensors and the dataset of its config.json. cmatrix.png: the
     run's cmatrix.safetensors, when it has one.
     """
-    from cli.cmatrix_commands import load_run_dataset
-    from kd.cmatrix import load_cmatrix
-    from kd.plots import plot_cmatrix, plot_curves, plot_reliability
-    from kd.rundir import CMATRIX_FILE, METRICS_FILE, load_run_model, read_run_json
+    from kd.cmatrix.artifact import load_cmatrix
+    from kd.reports.plots import plot_cmatrix, plot_curves, plot_reliability
+    from kd.training.run_data import load_run_data
+    from kd.training.rundir import CMATRIX_FILE, METRICS_FILE, load_run_model, read_run_json
 
     metrics = read_run_json(run_dir, METRICS_FILE, "did the run finish?")
     cmatrix_file = Path(run_dir) / CMATRIX_FILE
@@ -109,7 +103,7 @@ def plot_command(run_dir: str, out: str, overwrite: bool, bins: int, batch_size:
         raise KDError(f"{Path(run_dir) / METRICS_FILE}: {error}") from None
     click.echo(f"wrote {target / CURVES_FILE}")
 
-    data = load_run_dataset(run_dir, config, None, None)
+    data = load_run_data(run_dir, config)
     logits, labels = predict_test_split(net, data, batch_size)
     title = f"{config['model']} / {config.get('method', '?')} on {data.name} (test split)"
     ece = plot_reliability(logits, labels, target / RELIABILITY_FILE, bins=bins, title=title)

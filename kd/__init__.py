@@ -25,12 +25,12 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _LAZY_EXPORTS: dict[str, str] = {
-    "LSPPLoss": "kd.api",
-    "ProxyTeacherLoss": "kd.api",
-    "CMatrix": "kd.cmatrix",
-    "CMatrixError": "kd.cmatrix",
-    "load_cmatrix": "kd.cmatrix",
-    "save_cmatrix": "kd.cmatrix",
+    "LSPPLoss": "kd.losses.modules",
+    "ProxyTeacherLoss": "kd.losses.modules",
+    "CMatrix": "kd.cmatrix.artifact",
+    "CMatrixError": "kd.cmatrix.artifact",
+    "load_cmatrix": "kd.cmatrix.artifact",
+    "save_cmatrix": "kd.cmatrix.artifact",
     "REGISTRY": "kd.methods",
     "get_method": "kd.methods",
     "build_method": "kd.methods",
@@ -52,8 +52,8 @@ __all__ = [
 ]
 
 if _TYPE_CHECKING:
-    from kd.api import LSPPLoss, ProxyTeacherLoss
-    from kd.cmatrix import CMatrix, CMatrixError, load_cmatrix, save_cmatrix
+    from kd.losses.modules import LSPPLoss, ProxyTeacherLoss
+    from kd.cmatrix.artifact import CMatrix, CMatrixError, load_cmatrix, save_cmatrix
     from kd.errors import KDError
     from kd.methods import REGISTRY, build_method, get_method
 

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kd.datasets import ImageDataset
 from kd.errors import KDError
-from kd.methods import Method, Setup, get_method, method_names, resolve_params
-from kd.run import RunConfig, run_stage
+from kd.methods import Setup, get_method, method_names, resolve_params
+from kd.training.run import prepare_run
+from kd.training.settings import Settings
 
 DEFAULT_METHOD = "lspp"
 
 
-def train_teacher(config: RunConfig) -> Path:
+def train_teacher(settings: Settings) -> Path:
     """Train a teacher and write its run directory (plus cmatrix.safetensors for LS++ and OLS)."""
-    name = config.method or DEFAULT_METHOD
+    name = settings.method or DEFAULT_METHOD
     cls = get_method(name)
     if "teacher" not in cls.stages:
         raise KDError(f"--method {name} is a student method; a teacher takes one of {', '.join(method_names('teacher'))}")
-    params = resolve_params(cls, config.method_params)
-
-    def make_method(data: ImageDataset) -> Method:
-        return cls(Setup(data.num_classes, tuple(data.class_names), params))
-
-    return run_stage("teacher", config, {}, cls, make_method)
+    params = resolve_params(cls, settings.method_params)
+    run = prepare_run("teacher", settings, cls)
+    return run.train(cls(Setup(run.data.num_classes, tuple(run.data.class_names), params)))

@@ -16,7 +16,7 @@ from PIL import Image
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_ZIP = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"
 
-# The decoded-data cache (kd.datacache) of every test, and of the commands they start, goes
+# The decoded-data cache (kd.data.cache) of every test, and of the commands they start, goes
 # into one temporary folder, not the user's ~/.cache.
 _CACHE = tempfile.mkdtemp(prefix="kd-test-cache-")
 os.environ["KD_CACHE_DIR"] = _CACHE

@@ -5,7 +5,7 @@
 Trains twice on a tiny in-memory dataset whose pixels encode each sample's index, with the
 LS++ criterion inside the prepared module:
 
-* `sync`:   as the engine does it (the C logits live in the prepared `TrainModule`);
+* `sync`:   as the loop does it (the C logits live in the prepared `TrainModule`);
 * `nosync`: the control, with DDP told to ignore the C logits (`_ddp_params_and_buffers_to_ignore`),
             so their gradients are not all-reduced;
 * `ols`:    Online Label Smoothing, whose per-rank accumulators are summed at each epoch end; each
@@ -26,11 +26,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kd.datasets import ImageDataset, InMemorySplit
-from kd.engine import FitConfig, TrainModule, fit, make_accelerator
-from kd.loader import shard_indices
+from kd.data.datasets import ImageDataset, InMemorySplit
+from kd.data.loader import shard_indices
 from kd.methods import build_method
-from kd.metrics import classification_metrics
+from kd.reports.metrics import classification_metrics
+from kd.training.loop import TrainModule, fit, make_accelerator
+from kd.training.settings import Settings
 
 NUM_CLASSES = 4
 TRAIN_SAMPLES = 96  # 2 ranks x 6 batches x 8
@@ -92,8 +93,8 @@ def run(mode: str, out: Path, accelerator) -> None:
             swap(context)
 
         method.on_epoch_end = record_then_swap
-    config = FitConfig(epochs=EPOCHS, batch_size=BATCH, lr=0.5, weight_decay=0.0, seed=3, warmup_fraction=0.0)
-    result = fit(module, data, config, accelerator, desc=mode)
+    settings = Settings(epochs=EPOCHS, batch_size=BATCH, lr=0.5, weight_decay=0.0, seed=3)
+    result = fit(module, data, settings, accelerator, warmup_fraction=0.0, desc=mode)
 
     steps_per_epoch = TRAIN_SAMPLES // accelerator.num_processes // BATCH
     per_epoch = len(net.seen) // EPOCHS

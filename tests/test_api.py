@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import kd
-import kd.api
+import kd.losses
+import kd.losses.modules
 from kd import (
     CMatrix,
     CMatrixError,
@@ -38,11 +39,14 @@ def test_public_names_resolve_lazily_to_their_defining_modules():
     for name in kd.__all__:
         assert getattr(kd, name) is not None
         assert name in dir(kd)
-    assert kd.LSPPLoss is kd.api.LSPPLoss and kd.ProxyTeacherLoss is kd.api.ProxyTeacherLoss
+    assert kd.LSPPLoss is kd.losses.modules.LSPPLoss and kd.ProxyTeacherLoss is kd.losses.modules.ProxyTeacherLoss
+    assert kd.losses.LSPPLoss is kd.LSPPLoss and kd.losses.ProxyTeacherLoss is kd.ProxyTeacherLoss
     assert issubclass(kd.CMatrixError, kd.KDError)
     assert "lspp" in kd.REGISTRY and "proxy" in kd.REGISTRY
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         kd.nope  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        kd.losses.nope  # noqa: B018
 
 
 # ---------------------------------------------------------------------------------------------

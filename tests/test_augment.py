@@ -1,4 +1,4 @@
-"""kd.augment: each augmentation against an independent expectation, the flags' checks, and the
+"""kd.data.augment: each augmentation against an independent expectation, the flags' checks, and the
 seeded, reproducible batches DeviceBatches yields with them (in memory and streaming)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.augment import (
+from kd.data.augment import (
     AUGMENTATIONS,
     AugmentOptions,
     Cutout,
@@ -22,9 +22,9 @@ from kd.augment import (
     makes_soft_labels,
     parse_augment,
 )
-from kd.datasets import DATASET_NAMES, load_dataset
+from kd.data.datasets import DATASET_NAMES, load_dataset
 from kd.errors import KDError
-from kd.loader import DeviceBatches, Normalize
+from kd.data.loader import DeviceBatches, Normalize
 from tests.conftest import make_image_folder
 from tests.test_datasets import assert_one_line_kderror
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-import kd.datasets as kdd
-from kd.datasets import dataset_class_names, load_dataset
+import kd.data.decode as decode
+from kd.data.datasets import dataset_class_names, load_dataset
 from kd.errors import KDError
-from kd.loader import DeviceBatches
+from kd.data.loader import DeviceBatches
 from tests.test_datasets import assert_one_line_kderror, make_tree
 
 STREAM = {"max_in_memory_bytes": 1}  # load_dataset keywords that force the streaming path
@@ -58,8 +58,8 @@ def all_batches(data, split: str, num_workers: int) -> list[tuple[torch.Tensor, 
 @pytest.fixture
 def workers(monkeypatch):
     """Small decode chunks, so the in-memory path decodes in DataLoader worker processes."""
-    monkeypatch.setattr(kdd, "_MIN_CHUNK", 2)
-    monkeypatch.setattr(kdd, "_MAX_CHUNK", 2)
+    monkeypatch.setattr(decode, "_MIN_CHUNK", 2)
+    monkeypatch.setattr(decode, "_MAX_CHUNK", 2)
 
 
 # ----------------------------------------------------------------------------- a corrupt file stops the load

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kd.rundir import list_checkpoints
+from kd.training.rundir import list_checkpoints
 from tests.conftest import make_image_folder
 from tests.test_cli import FAST, KD, kd_in_process, read_run
 from tests.test_resume import ENV, assert_bitwise_equal, tensors
@@ -242,7 +242,7 @@ def test_files_honour_the_umask(tmp_path):
 
 
 def test_cmatrix_validate_warns_about_peaked_rows(tmp_path):
-    from kd.cmatrix import CMatrix, save_cmatrix
+    from kd.cmatrix.artifact import CMatrix, save_cmatrix
 
     probs = torch.full((4, 4), 1 / 3).fill_diagonal_(0)
     probs[2] = torch.tensor([0.0, 1.0, 0.0, 0.0])
@@ -276,8 +276,9 @@ def test_data_fingerprint_hashes_every_image_path_and_size_outside_hidden_folder
     """The fingerprint against the definition written out here with os.walk."""
     import hashlib
 
-    from kd.datasets import is_image_file, load_dataset
-    from kd.fingerprint import data_fingerprint
+    from kd.data.datasets import load_dataset
+    from kd.data.imagefolder import is_image_file
+    from kd.data.fingerprint import data_fingerprint
 
     root = make_image_folder(tmp_path / "data")
     (root / "train" / ".ipynb_checkpoints").mkdir()

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,13 +170,26 @@ def test_table_cells_show_mean_std_timings_min_median_and_seed_counts():
 
 
 def test_readme_paper_tables_are_the_committed_results():
-    # The README's copies of the paper tables are made by `paper_cifar10.py readme` from
-    # benchmarks/results/paper_*.json, never typed: after new results, rerun it.
+    # The copies of the paper tables in README.md and docs/*.md are made by `paper_cifar10.py
+    # readme` from benchmarks/results/paper_*.json, never typed: after new results, rerun it.
+    # Every block, in every file, must be the results; every table must appear somewhere.
     paper_cifar10 = benchmark_module("paper_cifar10")
-    readme = (ROOT / "README.md").read_text()
+    documents = paper_cifar10.documents(ROOT)
+    assert ROOT / "README.md" in documents and ROOT / "docs" / "results.md" in documents
     blocks = paper_cifar10.readme_blocks(ROOT / "benchmarks" / "results")
     assert set(blocks) == set(paper_cifar10.FIRST_COLUMN)
     for name, block in blocks.items():
-        match = paper_cifar10.block_pattern(name).search(readme)
-        assert match, f"README.md lacks the <!-- paper:{name} --> block"
-        assert match.group(2) == block, f"README.md's {name} is not benchmarks/results/paper_{name}.json: run paper_cifar10.py readme"
+        found = []
+        for path in documents:
+            for match in paper_cifar10.block_pattern(name).finditer(path.read_text()):
+                where = path.relative_to(ROOT)
+                assert match.group(2) == block, f"{where}'s {name} is not benchmarks/results/paper_{name}.json: run paper_cifar10.py readme"
+                found.append(where)
+        assert found, f"neither README.md nor docs/*.md has the <!-- paper:{name} --> block"
+    for path in documents:  # no stray, unclosed or misspelt markers that the pattern would not see
+        text = path.read_text()
+        for name in set(re.findall(r"<!-- /?paper:([\w-]+) -->", text)):
+            assert name in blocks, f"{path.relative_to(ROOT)}: <!-- paper:{name} --> is no table paper_cifar10.py makes"
+            blocks_here = len(paper_cifar10.block_pattern(name).findall(text))
+            assert text.count(f"<!-- paper:{name} -->") == text.count(f"<!-- /paper:{name} -->") == blocks_here, (
+                f"{path.relative_to(ROOT)}: unpaired <!-- paper:{name} --> markers")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kd.cmatrix import CMatrix, save_cmatrix
+from kd.cmatrix.artifact import CMatrix, save_cmatrix
 from kd.io import current_umask
 from tests.test_bad_input import assert_short_error
 from tests.test_cli import kd_in_process

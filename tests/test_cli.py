@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import run_in_process
-from kd.cmatrix import load_cmatrix
+from lspp_kd.cli.main import run_in_process
+from kd.cmatrix.artifact import load_cmatrix
 from tests.conftest import make_image_folder
 
 KD = str(Path(sys.executable).with_name("kd"))
@@ -26,7 +26,7 @@ def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def kd_in_process(*args: str) -> subprocess.CompletedProcess:
-    """`kd ARGS` through the console script's own entry point (`cli.main:main`), in this process.
+    """`kd ARGS` through the console script's own entry point (`lspp_kd.cli.main:main`), in this process.
 
     For error paths and short runs: a subprocess would pay 3-5 s of start-up (torch, timm,
     accelerate) per case. An unexpected exception propagates and fails the test, just as a
@@ -175,7 +175,7 @@ def test_skip_bad_images_counts_what_it_left_out(tmp_path):
 def test_top_level_help_and_version_import_no_torch(flag):
     """`kd --help` and `kd --version` answer at once: the commands' modules (torch, timm) load only when used."""
     code = (
-        "import sys\nsys.argv = ['kd', %r]\nfrom cli.entry import main\n"
+        "import sys\nsys.argv = ['kd', %r]\nfrom lspp_kd.cli.entry import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch loaded:', 'torch' in sys.modules)\n" % flag
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -185,7 +185,7 @@ def test_top_level_help_and_version_import_no_torch(flag):
 def test_the_listed_help_of_every_lazy_command_is_its_own():
     import importlib
 
-    from cli.main import COMMANDS
+    from lspp_kd.cli.main import COMMANDS
 
     for name, (target, listed) in COMMANDS.items():
         module, attribute = target.split(":")
@@ -201,15 +201,15 @@ def test_training_a_built_in_model_on_in_memory_data_imports_no_torchvision_timm
     torch itself imports torch._dynamo when the first optimizer is built (Optimizer.add_param_group
     is wrapped by torch._disable_dynamo), so after the run only the other three are checked.
     Decoding PNG/JPEG files in this process uses torchvision.io, so the decoded-data cache
-    (kd.datacache, under the tests' KD_CACHE_DIR, inherited by the child) is filled here first,
+    (kd.data.cache, under the tests' KD_CACHE_DIR, inherited by the child) is filled here first,
     as a repeated run finds it.
     """
-    from kd.datasets import load_dataset
+    from kd.data.datasets import load_dataset
 
     root = make_image_folder(tmp_path / "data")
     assert load_dataset("imagefolder", root).in_memory
     code = (
-        "import sys\nfrom cli.main import main\nimport cli.commands\n"
+        "import sys\nfrom lspp_kd.cli.main import main\nimport lspp_kd.cli.commands\n"
         "heavy = ('torchvision', 'timm', 'sklearn', 'torch._dynamo')\n"
         "print('after import:', [m for m in heavy if m in sys.modules])\n"
         "try:\n    main(%r)\nexcept SystemExit as exit_:\n    assert not exit_.code, exit_.code\n"

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 import kd
-from cli.cmatrix_display import format_show, top_neighbours
-from kd.cmatrix import (
+from lspp_kd.cli.cmatrix_display import format_show, top_neighbours
+from kd.cmatrix.artifact import (
     FORMAT_NAME,
     FORMAT_VERSION,
     REQUIRED_KEYS,
@@ -29,7 +29,7 @@ from kd.cmatrix import (
     validate,
 )
 from kd.errors import KDError
-from kd.lspp import cmatrix_from_logits, insert_diagonal
+from kd.losses import cmatrix_from_logits, insert_diagonal
 
 NAMES = ("cat", "dog", "deer", "frog")
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cli.cmatrix_display import top_neighbours
-from kd.cmatrix import CMatrix, load_cmatrix, save_cmatrix, validate
-from kd.cmatrix_diff import diff, js_divergence_bits, spearman
-from kd.cmatrix_ops import parse_sources, subset
+from lspp_kd.cli.cmatrix_display import top_neighbours
+from kd.cmatrix.artifact import CMatrix, load_cmatrix, save_cmatrix, validate
+from kd.cmatrix.diff import diff, js_divergence_bits, spearman
+from kd.cmatrix.ops import parse_sources, subset
 from tests.conftest import make_image_folder
 
 KD = str(Path(sys.executable).with_name("kd"))
@@ -355,7 +355,7 @@ def test_subset_of_a_posthoc_matrix_with_zero_mass_rows_is_valid():
 
 
 def test_dataset_class_names_without_decoding_images(tmp_path):
-    from kd.datasets import dataset_class_names
+    from kd.data.datasets import dataset_class_names
     from kd.errors import KDError
 
     assert dataset_class_names("digits") == DIGITS
@@ -365,3 +365,69 @@ def test_dataset_class_names_without_decoding_images(tmp_path):
         dataset_class_names("imagefolder", tmp_path)
     with pytest.raises(KDError, match="unknown dataset"):
         dataset_class_names("imagenet-9000")
+
+
+# ---------------------------------------------------------------------------------------------
+# from-teacher: the run's own data
+
+
+def _hand_made_run(run: Path, **config) -> Path:
+    """A run directory with an untrained small_cnn on digits and a config.json: no training needed."""
+    from kd.models.networks import build_model
+    from kd.training.rundir import save_model
+
+    torch.manual_seed(0)
+    net = build_model("small_cnn", 10, 1, 8)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.mul_(2.0)  # predictions far from uniform, so the images averaged over matter
+    run.mkdir(parents=True)
+    save_model(run / "model.safetensors", net)
+    config = {"model": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8, "class_names": DIGITS,
+              "dataset": "digits", "seed": 3, **config}
+    (run / "config.json").write_text(json.dumps(config))
+    return run
+
+
+def test_run_data_repeats_the_runs_train_per_class_and_val_split():
+    from kd.data.datasets import load_dataset
+    from kd.data.splits import train_per_class, validation_split
+    from kd.training.run_data import load_run_data
+
+    config = {"dataset": "digits", "image_size": 8, "class_names": DIGITS, "seed": 3,
+              "train_per_class": 40, "val_split": 0.25}
+    data = load_run_data("run", config)
+    whole = load_dataset("digits")
+    expected = validation_split(train_per_class(whole, 40, 3), 0.25, 3)  # as kd.training.run.prepare_run does
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(data, split).images, getattr(expected, split).images), split
+        assert torch.equal(getattr(data, split).labels, getattr(expected, split).labels), split
+    assert len(data.train) == 300 and len(data.val) == 100
+    assert torch.equal(data.test.images, whole.test.images)  # the test split the run's metrics.json reports
+    other = load_run_data("run", config, dataset="digits")  # another dataset given: used whole
+    assert len(other.train) == len(whole.train) and other.val is None
+
+
+def test_from_teacher_of_a_run_with_val_split_leaves_out_its_validation_images(tmp_path):
+    """The post-hoc C-matrix of a run trained with --train-per-class and --val-split averages over the
+    images the run trained on: not over the validation images it held out, nor over the whole dataset."""
+    from accelerate import Accelerator
+
+    from kd.cmatrix.posthoc import estimate_cmatrix
+    from kd.data.datasets import load_dataset
+    from kd.data.splits import train_per_class, validation_split
+    from kd.training.rundir import load_run_model
+    from tests.test_cli import kd_in_process
+
+    run = _hand_made_run(tmp_path / "run", train_per_class=40, val_split=0.5)
+    out = tmp_path / "posthoc.safetensors"
+    result = kd_in_process("cmatrix", "from-teacher", str(run), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    net, _ = load_run_model(run)
+    subset = train_per_class(load_dataset("digits"), 40, 3)
+    trained_on, with_val = validation_split(subset, 0.5, 3), subset
+    accelerator = Accelerator(cpu=True)
+    expected = estimate_cmatrix(net, trained_on, 64, accelerator)
+    wrong = estimate_cmatrix(net, with_val, 64, accelerator)
+    assert (expected - wrong).abs().max() > 1e-3  # the test can tell the two apart
+    torch.testing.assert_close(load_cmatrix(out).probs, expected)

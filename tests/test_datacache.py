@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import kd.datasets
-from kd.datasets import load_dataset
+import kd.data.decode
+from kd.data.datasets import load_dataset
 from tests.conftest import make_image_folder
 
 
@@ -25,13 +25,13 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def count_decodes(monkeypatch):
     calls = []
-    decode = kd.datasets._decode_all
+    decode = kd.data.decode._decode_all
 
     def counting(files, *args, **kwargs):
         calls.append(len(files))
         return decode(files, *args, **kwargs)
 
-    monkeypatch.setattr(kd.datasets, "_decode_all", counting)
+    monkeypatch.setattr(kd.data.decode, "_decode_all", counting)
     return calls
 
 

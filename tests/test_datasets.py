@@ -1,4 +1,4 @@
-"""kd.datasets: every dataset name to class names plus in-memory uint8 tensors or a streaming Dataset."""
+"""kd.data.datasets (and kd.data.imagefolder, kd.data.decode, kd.data.splits): every dataset name to class names plus in-memory uint8 tensors or a streaming Dataset."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import kd.datasets as kdd
-from kd.datasets import DATASET_NAMES, ImageDataset, InMemorySplit, load_dataset
+import kd.data.datasets as kdd
+import kd.data.decode as decode
+import kd.data.imagefolder as imagefolder
+from kd.data.datasets import DATASET_NAMES, ImageDataset, InMemorySplit, load_dataset
 from kd.errors import KDError
 from tests.conftest import extract_cifar10_subset, make_image_folder
 
@@ -253,16 +255,16 @@ def test_uniform_imagefolder_has_no_notes(tmp_path):
 
 def test_probe_is_spread_over_the_classes(tmp_path, monkeypatch):
     samples = [(f"{label}/{i}", label) for label, count in enumerate((500, 3, 97, 1)) for i in range(count)]
-    picked = kdd._spread(samples, 40)
-    assert picked == kdd._spread(samples, 40) and picked == sorted(picked)  # deterministic, in order
+    picked = imagefolder._spread(samples, 40)
+    assert picked == imagefolder._spread(samples, 40) and picked == sorted(picked)  # deterministic, in order
     per_class = [sum(samples[i][1] == label for i in picked) for label in range(4)]
     assert per_class == [10, 3, 10, 1]
     assert [i for i in picked if samples[i][1] == 0] == list(range(0, 500, 50))  # evenly spaced
-    assert kdd._spread(samples[:30], 40) == list(range(30))  # all when there are few
+    assert imagefolder._spread(samples[:30], 40) == list(range(30))  # all when there are few
 
     make_tree(tmp_path, per_class=4)
     write_image(tmp_path / "train" / "cat" / "002.png", np.full((9, 9, 3), 1, np.uint8))  # probed: 000 and 002
-    monkeypatch.setattr(kdd, "_PROBE_FILES", 6)
+    monkeypatch.setattr(imagefolder, "_PROBE_FILES", 6)
     data = load_dataset("imagefolder", tmp_path)
     assert data.image_size == 6 and "6 of 12, spread over the classes" in data.notes[0]
 
@@ -274,8 +276,8 @@ def test_parallel_decoding_matches_single_chunk(tmp_path, monkeypatch):
             for i in range(7):
                 write_image(tmp_path / split / name / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
     whole = load_dataset("imagefolder", tmp_path)
-    monkeypatch.setattr(kdd, "_MIN_CHUNK", 2)
-    monkeypatch.setattr(kdd, "_MAX_CHUNK", 2)  # 11 chunks: DataLoader worker processes do the decoding
+    monkeypatch.setattr(decode, "_MIN_CHUNK", 2)
+    monkeypatch.setattr(decode, "_MAX_CHUNK", 2)  # 11 chunks: DataLoader worker processes do the decoding
     chunked = load_dataset("imagefolder", tmp_path)
     assert torch.equal(whole.train.images, chunked.train.images)
     assert torch.equal(whole.test.labels, chunked.test.labels)
@@ -291,8 +293,8 @@ def cifar10_small(tmp_path_factory) -> Path:
 
 
 def test_cifar10_jpeg_subset_matches_pil(cifar10_small, monkeypatch):
-    monkeypatch.setattr(kdd, "_MIN_CHUNK", 16)
-    monkeypatch.setattr(kdd, "_MAX_CHUNK", 16)  # several chunks, so worker processes take part
+    monkeypatch.setattr(decode, "_MIN_CHUNK", 16)
+    monkeypatch.setattr(decode, "_MAX_CHUNK", 16)  # several chunks, so worker processes take part
     data = load_dataset("imagefolder", cifar10_small)
     assert data.class_names == CIFAR10_CLASSES
     assert (data.channels, data.image_size, data.in_memory, data.default_augment) == (3, 32, True, ("crop", "flip"))
@@ -435,8 +437,8 @@ def test_error_class_sets_differ(tmp_path):
 def test_error_corrupt_image_names_the_file(tmp_path, monkeypatch, relative):
     make_tree(tmp_path)
     (tmp_path / "train" / relative).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    monkeypatch.setattr(kdd, "_MIN_CHUNK", 2)
-    monkeypatch.setattr(kdd, "_MAX_CHUNK", 2)  # decoded by worker processes
+    monkeypatch.setattr(decode, "_MIN_CHUNK", 2)
+    monkeypatch.setattr(decode, "_MAX_CHUNK", 2)  # decoded by worker processes
     with pytest.raises(KDError) as excinfo:
         load_dataset("imagefolder", tmp_path)
     assert_one_line_kderror(excinfo, "cannot read image", str(tmp_path / "train" / relative))
@@ -551,7 +553,7 @@ def test_svhn_uses_labels_and_digit_names(tmp_path, monkeypatch):
 
 
 def test_train_per_class_is_a_seeded_stratified_subset(tmp_path):
-    from kd.datasets import train_per_class
+    from kd.data.splits import train_per_class
 
     data = load_dataset("digits")
     small = train_per_class(data, 5, seed=0)

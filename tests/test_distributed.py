@@ -16,14 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kd.cmatrix import load_cmatrix
-from kd.datasets import load_dataset, validation_split
-from kd.engine import FitConfig, TrainModule, fit, make_accelerator
-from kd.loader import DeviceBatches
+from kd.cmatrix.artifact import load_cmatrix
+from kd.data.datasets import load_dataset
+from kd.data.splits import validation_split
+from kd.training.loop import TrainModule, fit, make_accelerator
+from kd.data.loader import DeviceBatches
 from kd.methods import StepContext, build_method
-from kd.metrics import classification_metrics
-from kd.models import build_model
-from kd.rundir import load_run_model
+from kd.reports.metrics import classification_metrics
+from kd.models.networks import build_model
+from kd.training.rundir import load_run_model
+from kd.training.settings import Settings
 from tests.test_cli import KD, assert_one_line_error, kd, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,8 +174,8 @@ def _one_run(data, batch_size: int, grad_accum: int, steps: int) -> dict[str, to
     torch.manual_seed(0)
     net = build_model("lenet_padded", data.num_classes, data.channels, data.image_size)  # no BatchNorm, no dropout
     module = TrainModule(net, build_method("lspp", data.num_classes, alpha=0.2))
-    config = FitConfig(epochs=1, batch_size=batch_size, lr=0.2, weight_decay=5e-4, seed=0, max_steps=steps, evaluate=False)
-    result = fit(module, data, config, accelerator)
+    settings = Settings(epochs=1, batch_size=batch_size, lr=0.2, weight_decay=5e-4, seed=0, max_steps=steps)
+    result = fit(module, data, settings, accelerator, evaluate=False)
     assert result.steps == steps and result.grad_accum == grad_accum
     assert result.effective_batch_size == 64
     return {name: p.detach().clone() for name, p in module.named_parameters()}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from kd.datasets import load_dataset
-from kd.engine import FitConfig, TrainModule, fit, make_accelerator
+from kd.data.datasets import load_dataset
+from kd.training.loop import TrainModule, fit, make_accelerator
+from kd.training.settings import Settings
 from kd.methods import build_method
-from kd.models import build_model
+from kd.models.networks import build_model
 from tests.test_cli import kd_in_process
 from tests.test_distributed import fresh_accelerate_state  # noqa: F401 - a fixture
 
@@ -17,8 +18,8 @@ def _train(channels_last: bool) -> TrainModule:
     torch.manual_seed(0)
     data = load_dataset("digits")
     module = TrainModule(build_model("small_cnn", 10, 1, 8), build_method("lspp", 10))
-    config = FitConfig(epochs=1, batch_size=64, lr=0.05, weight_decay=5e-4, max_steps=6, evaluate=False, channels_last=channels_last)
-    fit(module, data, config, make_accelerator())
+    settings = Settings(epochs=1, batch_size=64, lr=0.05, weight_decay=5e-4, max_steps=6, channels_last=channels_last)
+    fit(module, data, settings, make_accelerator(), evaluate=False)
     return module
 
 

@@ -42,10 +42,35 @@ def test_tabular_lspp_trains_a_teacher_exports_its_cmatrix_and_a_student_learns_
     assert student > 0.6 and teacher > 0.6  # chance is 0.1
 
 
-def test_the_readme_training_loop_code_runs_as_printed(tmp_path):
-    """The README's "Use LS++ in your own training loop" code blocks, run in order as one script."""
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    section = readme.split("## Use LS++ in your own training loop", 1)[1].split("\n## ", 1)[0]
+def markdown_section(text: str, heading: str | None) -> str:
+    """The part of a markdown text under `heading` (a whole heading line, e.g. "### Usage"), up to
+    the next heading of the same or a higher level outside code blocks; the whole text for None."""
+    if heading is None:
+        return text
+    level, lines, fenced, inside = heading.split(" ", 1)[0], [], False, False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        hashes = len(line) - len(line.lstrip("#"))
+        if not fenced and 0 < hashes <= len(level) and line[hashes:hashes + 1] == " ":
+            if inside:
+                break
+            inside = line == heading
+            continue
+        if inside:
+            lines.append(line)
+    assert inside, f"no {heading!r} heading"
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("document, heading", [
+    ("docs/library.md", None),  # the page is "Use LS++ in your own training loop"
+    ("README.md", "### LS++ in your own training loop"),  # the README's quick start
+])
+def test_the_readme_training_loop_code_runs_as_printed(tmp_path, document, heading):
+    """The "Use LS++ in your own training loop" code blocks (docs/library.md, and the README's
+    quick start), run in order as one script."""
+    section = markdown_section((PROJECT_ROOT / document).read_text(), heading)
     code = "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL))
     assert "LSPPLoss" in code and "ProxyTeacherLoss" in code
     (tmp_path / "snippet.py").write_text(code)

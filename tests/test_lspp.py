@@ -7,17 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from kd.api import LSPPLoss
-from kd.engine import TrainModule, build_optimizer
+from kd.training.loop import TrainModule
+from kd.training.optim import build_optimizer
 from kd.errors import KDError
-from kd.lspp import (
+from kd.losses import (
+    LSPPLoss,
     cmatrix_from_logits,
     insert_diagonal,
     log_cmatrix_from_logits,
     lspp_terms,
     remove_diagonal,
 )
-from kd.methods import build_method
+from kd.methods import StepContext, build_method
 
 
 def reference_cmatrix(logits: np.ndarray) -> np.ndarray:
@@ -125,13 +126,30 @@ def test_c_gradient_comes_only_from_reverse_term(seed):
     np.testing.assert_allclose(criterion.c_logits.grad.numpy(), c_logits.grad.numpy(), atol=1e-6)
 
 
-def test_forward_term_alone_would_leave_c_gradient_zero():
-    """The network term is computed from detached targets: its gradient never reaches C."""
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_each_named_term_of_the_lspp_method_reaches_only_its_own_parameters(soft):
+    """Backpropagating one named part of the product's LS++ loss: `network` moves only the
+    network's logits, `cmatrix` only the C logits (each detach in kd.losses is needed for this)."""
     criterion, net_logits, labels = make_case(0)
-    log_p = torch.log_softmax(net_logits, dim=1)
-    target = criterion.targets(labels)
-    (-(target.detach() * log_p).sum(1).mean()).backward()
-    assert criterion.c_logits.grad is None
+    k = criterion.num_classes
+    targets = torch.softmax(torch.randn(len(labels), k, generator=torch.Generator().manual_seed(7)), dim=1) if soft else labels
+    method = build_method("lspp", k, alpha=0.1)
+    with torch.no_grad():
+        method.logits.copy_(criterion.c_logits)
+    parts = method(net_logits, targets, StepContext(epoch=0, step=0, total_steps=1, steps_per_epoch=1))
+    assert set(parts) == {"loss", "network", "cmatrix"}
+
+    def gradients(part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        grads = torch.autograd.grad(parts[part], (net_logits, method.logits), retain_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (net_logits, method.logits)))
+
+    net_grad, c_grad = gradients("network")
+    assert torch.count_nonzero(c_grad) == 0 and torch.count_nonzero(net_grad) > 0
+    net_grad, c_grad = gradients("cmatrix")
+    assert torch.count_nonzero(net_grad) == 0 and torch.count_nonzero(c_grad) > 0
+    # The public loss module sums the same two terms: its C gradient is the `cmatrix` term's alone.
+    criterion(net_logits, targets).backward()
+    torch.testing.assert_close(criterion.c_logits.grad, c_grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -211,7 +229,7 @@ def test_c_logits_are_parameters_of_the_prepared_module_without_weight_decay():
 @pytest.mark.parametrize("k,c_loss", [(6, "detached"), (50, "detached"), (50, "ce"), (50, "sce")])
 def test_batch_rows_path_equals_the_whole_matrix_path(k, c_loss):
     """The O(N K) targets for hard labels give the losses and gradients of the O(K^2) matrix."""
-    from kd.lspp import log_targets, lspp_terms
+    from kd.losses import log_targets, lspp_terms
 
     generator = torch.Generator().manual_seed(k)
     c_logits = (torch.randn(k, k - 1, generator=generator) * 2).requires_grad_()
@@ -239,7 +257,7 @@ def test_batch_rows_path_equals_the_whole_matrix_path(k, c_loss):
 
 def test_soft_label_targets_use_only_the_batch_classes_and_equal_the_whole_matrix_path():
     """Mixup-style distributions over a few of K classes: the same targets and gradients as s @ C over all K."""
-    from kd.lspp import log_targets, mix_targets
+    from kd.losses import log_targets, mix_targets
 
     k = 40
     generator = torch.Generator().manual_seed(3)

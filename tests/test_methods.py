@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.cmatrix import CMatrix, load_cmatrix
+from kd.cmatrix.artifact import CMatrix, load_cmatrix
 from kd.errors import KDError
 from kd.methods import (
     REGISTRY,
@@ -26,7 +26,8 @@ from kd.methods import (
     resolve_params,
     stage_params,
 )
-from kd.run import RESUME_KEYS, RunConfig
+from kd.training.run import DERIVED_RESUME_KEYS
+from kd.training.settings import Settings, resume_keys
 from tests.test_cli import FAST, assert_one_line_error, kd_in_process, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def loss_parts(name: str, logits: torch.Tensor, labels: torch.Tensor, **params) 
 
 
 def test_every_registered_method_declares_a_consistent_contract():
-    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    run_fields = {f.name for f in dataclasses.fields(Settings)}
     for name in REGISTRY:
         cls = get_method(name)
         assert cls.name == name and cls.summary and set(cls.stages) <= {"teacher", "student"}
@@ -66,16 +67,16 @@ def test_every_registered_method_declares_a_consistent_contract():
             assert param.help and param.type in (float, int, str, bool)
             if param.default is not None:
                 param.check(param.default)
-    assert set(all_param_names()) <= set(RESUME_KEYS)
+    assert set(all_param_names()) <= set(resume_keys(Settings(), DERIVED_RESUME_KEYS))
     assert method_names("teacher") == ["onehot", "ls", "lspp", "ols", "tfkd", "zipf", "focal", "flsd", "mbls"]
     assert method_names("student", None) == ["onehot", "ls", "tfkd", "zipf", "focal", "flsd", "mbls"]
     assert stage_params("student")["temperature"] == [("tfkd", get_method("tfkd").params[1]), ("kd", get_method("kd").params[0])]
 
 
 def test_readme_method_table_is_the_registry():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "methods.md").read_text()
     match = re.search(r"<!-- methods-table -->\n(.*?)<!-- /methods-table -->", readme, re.DOTALL)
-    assert match, "README.md lacks the <!-- methods-table --> block"
+    assert match, "docs/methods.md lacks the <!-- methods-table --> block"
     assert match.group(1) == methods_markdown(), "regenerate it with `kd methods --markdown`"
 
 

@@ -1,4 +1,4 @@
-"""Tests for kd.metrics against an independent NumPy implementation and worked examples."""
+"""Tests for kd.reports.metrics against an independent NumPy implementation and worked examples."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.errors import KDError
-from kd.metrics import classification_metrics, expected_calibration_error
+from kd.reports.metrics import classification_metrics, expected_calibration_error
 
 
 def numpy_reference(logits: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:

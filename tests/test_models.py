@@ -1,4 +1,4 @@
-"""Tests for kd.models: every built-in builds and runs, the paper's exact networks, timm fallback, errors, CIFAR stem."""
+"""Tests for kd.models.networks: every built-in builds and runs, the paper's exact networks, timm fallback, errors, CIFAR stem."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from kd.errors import KDError
-from kd.models import BUILTIN_MODELS, FIXED_SIZE_MODELS, build_model, count_parameters
+from kd.models.networks import BUILTIN_MODELS, FIXED_SIZE_MODELS, build_model, count_parameters
 
 K = 7  # an unusual class count, so a hard-coded 10 would show
 CIFAR_RESNETS = ["cifar_resnet18", "cifar_resnet34", "cifar_resnet50", "cifar_resnet101"]

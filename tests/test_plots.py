@@ -1,4 +1,4 @@
-"""Tests for kd.plots and the figure commands (`kd cmatrix plot`, `kd plot`): real PNGs, not blank."""
+"""Tests for kd.reports.plots and the figure commands (`kd cmatrix plot`, `kd plot`): real PNGs, not blank."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cli.main import cli
-from cli.plot_commands import plot_command
-from kd.cmatrix import CMatrix
+from lspp_kd.cli.main import cli
+from lspp_kd.cli.plot_commands import plot_command
+from kd.cmatrix.artifact import CMatrix
 from kd.errors import KDError
-from kd.metrics import classification_metrics
-from kd.plots import (
+from kd.reports.metrics import classification_metrics
+from kd.reports.plots import (
     DPI,
     calibration_bins,
     epoch_series,
@@ -99,9 +99,9 @@ def test_unwritable_destination_is_one_line_kderror(tmp_path):
 def test_reliability_diagram_and_its_ece(tmp_path):
     logits, labels = predictions()
     ece = plot_reliability(logits, labels, tmp_path / "rel.png")
-    assert ece == classification_metrics(logits, labels)["ece"]  # kd.metrics' number, 15 bins
+    assert ece == classification_metrics(logits, labels)["ece"]  # kd.reports.metrics' number, 15 bins
     assert_png(tmp_path / "rel.png", size=(6 * DPI, 7 * DPI))
-    # The bars are binned as kd.metrics bins: their weighted gaps add up to the same ECE.
+    # The bars are binned as kd.reports.metrics bins: their weighted gaps add up to the same ECE.
     count, confidence, accuracy = calibration_bins(logits.double(), labels, 15)
     filled = count > 0
     assert count.sum() == len(labels)
@@ -177,7 +177,7 @@ def tiny_run(digits_teacher) -> Path:
 
 @pytest.fixture
 def with_plot_command(monkeypatch):
-    """`kd plot` reachable through `cli.main:main`, whether or not cli/main.py registers it yet."""
+    """`kd plot` reachable through `lspp_kd.cli.main:main`, whether or not cli/main.py registers it yet."""
     monkeypatch.setitem(cli.commands, "plot", plot_command)
 
 
@@ -225,3 +225,25 @@ def test_kd_plot_problems_are_one_line_errors(tmp_path, tiny_run, with_plot_comm
     assert_one_line_error(kd_in_process("plot", str(tiny_run), "--out", str(a_file)), "--out", "is a file")
     assert_one_line_error(kd_in_process("plot", str(tiny_run), "--out", str(a_file / "figs")), "cannot create")
     assert not Path(out).exists()
+
+
+def test_kd_plot_of_a_run_with_val_split_draws_its_whole_test_split(tmp_path, with_plot_command):
+    """--train-per-class and --val-split select training images only: the reliability diagram is of
+    the whole test split, the one the run's metrics.json reports on."""
+    from kd.data.datasets import load_dataset
+    from kd.data.loader import Normalize
+    from kd.training.rundir import load_run_model
+    from tests.test_cmatrix_tools import _hand_made_run
+
+    run = _hand_made_run(tmp_path / "run", train_per_class=40, val_split=0.5)
+    net, _ = load_run_model(run)
+    digits = load_dataset("digits")
+    with torch.no_grad():
+        logits = net(Normalize(digits.mean, digits.std, torch.device("cpu"))(digits.test.images))
+    ece = classification_metrics(logits, digits.test.labels)["ece"]
+    (run / "metrics.json").write_text(json.dumps({"epoch_train_loss": [2.0, 1.5], "test_ece": ece}))
+    result = kd_in_process("plot", str(run), "--out", str(tmp_path / "figs"))
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "reliability.png" in line)
+    assert f"ECE {ece:.4f} over 360 test images" in line and f"test_ece {ece:.4f}" in line
+

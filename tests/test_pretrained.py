@@ -16,11 +16,9 @@ import torch
 import torchvision.transforms.functional as TF
 from safetensors.torch import save_file
 
-from kd.cmatrix import load_cmatrix
-from kd.datasets import load_dataset
-from kd.pretrained import (
-    IMAGENET_MEAN, IMAGENET_STD, InputConfig, ModelSpec, TeacherInput, parse_teacher_model, teacher_input_config,
-)
+from kd.cmatrix.artifact import load_cmatrix
+from kd.data.datasets import IMAGENET_MEAN, IMAGENET_STD, load_dataset
+from kd.models.pretrained import InputConfig, ModelSpec, TeacherInput, parse_teacher_model, teacher_input_config
 from tests.test_bad_input import assert_short_error
 from tests.test_cli import FAST, kd_in_process, read_run
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kd.datasets import load_dataset
-from kd.engine import FitConfig, TrainModule, fit, make_accelerator
+from kd.data.datasets import load_dataset
+from kd.training.loop import TrainModule, fit, make_accelerator
 from kd.methods import build_method
-from kd.models import build_model
-from kd.rundir import latest_checkpoint, list_checkpoints
+from kd.models.networks import build_model
+from kd.training.rundir import latest_checkpoint, list_checkpoints
+from kd.training.settings import Settings
 from tests.test_cli import KD, assert_one_line_error, kd, kd_in_process, read_run
 from tests.test_distributed import TORCHRUN, free_port
 from tests.test_summary import read_summary
@@ -177,7 +178,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monk
     accelerator = make_accelerator()
     data = load_dataset("digits")
     module = TrainModule(build_model("tiny_cnn", 10, 1, 8), build_method("lspp", 10))
-    config = FitConfig(epochs=3, batch_size=64, lr=0.05, weight_decay=5e-4, run_dir=str(tmp_path), checkpoint_every_epochs=1, evaluate=False)
+    settings = Settings(epochs=3, batch_size=64, lr=0.05, weight_decay=5e-4, checkpoint_every=1)
 
     real_save_state = accelerator.save_state
     calls = []
@@ -191,7 +192,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monk
 
     monkeypatch.setattr(accelerator, "save_state", crash_on_second_save)
     with pytest.raises(OSError, match="disk full"):
-        fit(module, data, config, accelerator)
+        fit(module, data, settings, accelerator, run_dir=tmp_path, evaluate=False)
     first = tmp_path / "checkpoints" / "step-00000022"
     assert [p.name for p in list_checkpoints(tmp_path)] == [first.name]
     assert latest_checkpoint(tmp_path) == first

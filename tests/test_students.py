@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -11,10 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kd.cmatrix import load_cmatrix
-from kd.kd_losses import HintonKDLoss, ProxyTeacherLoss
+from kd.cmatrix.artifact import CMatrix, load_cmatrix
+from kd.losses import ProxyTeacherLoss
+from kd.methods import StepContext, build_method
 from tests.conftest import make_image_folder
 from tests.test_cli import FAST, assert_one_line_error, kd, read_run, kd_in_process
+
+CONTEXT = StepContext(epoch=0, step=0, total_steps=1, steps_per_epoch=1)
 
 
 def random_cmatrix(k: int, seed: int) -> torch.Tensor:
@@ -23,10 +27,16 @@ def random_cmatrix(k: int, seed: int) -> torch.Tensor:
     return c / c.sum(1, keepdim=True)
 
 
+def proxy_loss(c: torch.Tensor, alpha: float) -> ProxyTeacherLoss:
+    """The public proxy-teacher loss over the matrix `c` (a C-matrix file's contents)."""
+    k = c.shape[0]
+    return ProxyTeacherLoss(CMatrix.from_probs(c, class_names=[f"c{i}" for i in range(k)], alpha=alpha))
+
+
 def test_proxy_targets_equal_onehot_mix_exactly():
     c = random_cmatrix(6, 0)
     labels = torch.tensor([0, 5, 2, 2, 1])
-    targets = ProxyTeacherLoss(c, alpha=0.2).targets(labels)
+    targets = proxy_loss(c, alpha=0.2).targets(labels)
     for row, y in enumerate(labels.tolist()):
         expected = 0.2 * c[y].clone()
         expected[y] = 0.8  # C[y, y] == 0: the target class gets exactly 1 - a
@@ -36,16 +46,18 @@ def test_proxy_targets_equal_onehot_mix_exactly():
 def test_proxy_soft_labels_go_through_the_same_linear_map():
     c = random_cmatrix(4, 1)
     soft = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])
-    torch.testing.assert_close(ProxyTeacherLoss(c, 0.1).targets(soft), 0.9 * soft + 0.1 * soft @ c)
+    torch.testing.assert_close(proxy_loss(c, 0.1).targets(soft), 0.9 * soft + 0.1 * soft @ c)
 
 
 def test_proxy_loss_is_cross_entropy_with_those_targets():
     c = random_cmatrix(5, 2)
     logits = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
     labels = torch.randint(0, 5, (7,), generator=torch.Generator().manual_seed(4))
-    criterion = ProxyTeacherLoss(c, 0.1)
+    criterion = proxy_loss(c, 0.1)
     expected = torch.nn.functional.cross_entropy(logits, criterion.targets(labels))
     assert criterion(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    method = build_method("proxy", 5, criterion.class_names, cmatrix=criterion.cmatrix)
+    assert method(logits, labels, CONTEXT)["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("temperature,kd_weight,ce_weight", [(4.0, 0.9, 0.1), (1.0, 0.5, 0.5), (8.0, 1.0, 0.0)])
@@ -64,8 +76,12 @@ def test_hinton_loss_matches_independent_numpy(temperature, kd_weight, ce_weight
     kl = (p_teacher * (np.log(p_teacher) - np.log(p_student))).sum(1).mean()
     ce = -np.log(softmax(s)[np.arange(6), labels.numpy()]).mean()
     expected = ce_weight * ce + kd_weight * temperature**2 * kl
-    got = HintonKDLoss(temperature, kd_weight, ce_weight)(student, labels, teacher).item()
-    assert got == pytest.approx(expected, rel=1e-5)
+    # The `kd` method with a teacher network that passes its input through: the batch's
+    # "images" are the teacher's logits.
+    method = build_method("kd", 4, teacher=torch.nn.Identity(), temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight)
+    parts = method(student, labels, dataclasses.replace(CONTEXT, images=teacher))
+    assert parts["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(ce, rel=1e-5) and parts["kl"].item() == pytest.approx(kl, rel=1e-5)
 
 
 def test_chain_proxy_kd_plain_and_compare(tmp_path, digits_teacher):
@@ -158,7 +174,7 @@ def test_remap_by_name_reorders_a_cmatrix_in_another_class_order(tmp_path):
     assert kd("train-teacher", "--dataset", "imagefolder", "--data-dir", str(data), "--out", str(teacher), *FAST).returncode == 0
     flipped = tmp_path / "flipped.safetensors"
     cm = load_cmatrix(teacher / "cmatrix.safetensors")
-    from kd.cmatrix import remap_by_name, save_cmatrix
+    from kd.cmatrix.artifact import remap_by_name, save_cmatrix
 
     save_cmatrix(flipped, remap_by_name(cm, ["cat", "bee", "ant"]))
     args = ["distill", "--dataset", "imagefolder", "--data-dir", str(reordered), "--proxy", str(flipped), *FAST]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.datasets import ImageDataset, InMemorySplit, load_dataset, validation_split
-from kd.rundir import load_run_model
+from kd.data.datasets import ImageDataset, InMemorySplit, load_dataset
+from kd.data.splits import validation_split
+from kd.training.rundir import load_run_model
 from tests.test_cli import assert_one_line_error, kd_in_process, read_run
 from tests.test_distributed import evaluate_in_one_process
 

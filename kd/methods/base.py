@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import KDError
@@ -169,13 +168,6 @@ class Method(nn.Module):
 
 # Helpers shared by the methods' forward passes. Every loss is computed in float32, also
 # under mixed precision.
-
-
-def label_distribution(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Targets as (N, K) float32 distributions: class indices become one-hot rows."""
-    if targets.dim() == 1:
-        return F.one_hot(targets.long(), num_classes).float()
-    return targets.float()
 
 
 def hard_labels(targets: torch.Tensor, method: str) -> torch.Tensor:

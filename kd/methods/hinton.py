@@ -2,14 +2,14 @@
 
     loss = ce_weight * CE(s, y) + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T))
 
-The weights are named explicitly because torchdistill's and RepDistiller's "alpha" mean
-opposite things. The teacher lives in this module (frozen, always in eval mode, under
-no_grad) and runs on the same augmented batch as the student; on every 5th batch its forward
-pass is timed, which gives the share of training time the teacher costs.
+(`kd.losses.hinton_loss`; the weights are named explicitly because torchdistill's and
+RepDistiller's "alpha" mean opposite things). The teacher lives in this module (frozen, always
+in eval mode, under no_grad) and runs on the same augmented batch as the student; on every 5th
+batch its forward pass is timed, which gives the share of training time the teacher costs.
 
 The teacher is either a run directory's network (`--teacher RUN_DIR`), which takes the batch as
 it is, or a pretrained timm / torchvision classifier (`--teacher-model NAME --teacher-weights
-FILE`) behind its input adapter (`kd.pretrained.AdaptedTeacher`: de-normalise, resize,
+FILE`) behind its input adapter (`kd.models.pretrained.AdaptedTeacher`: de-normalise, resize,
 re-normalise); the adapter is part of the teacher's forward pass, so its cost is timed with it.
 """
 
@@ -20,16 +20,12 @@ from typing import Any
 
 import torch
 
-from kd.kd_losses import KD_CE_WEIGHT, KD_TEMPERATURE, KD_WEIGHT, hinton_terms
+from kd.losses import KD_CE_WEIGHT, KD_TEMPERATURE, KD_WEIGHT, hinton_loss
+from kd.device import synchronize
 from kd.methods.base import Method, Setup, StepContext, non_negative, positive, weights_not_both_zero
 
 # Timing needs device syncs, which would slow a GPU pipeline if done on every step.
 _TIME_EVERY = 5
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class HintonKD(Method):
@@ -64,22 +60,20 @@ class HintonKD(Method):
         timed = self.calls % _TIME_EVERY == 0
         self.calls += 1
         if timed:
-            _synchronize(images.device)
+            synchronize(images.device)
             started = time.perf_counter()
         with torch.no_grad():
             logits = self.teacher(images)
         if timed:
-            _synchronize(images.device)
+            synchronize(images.device)
             self.teacher_seconds += time.perf_counter() - started
             self.timed_calls += 1
         return logits
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, context: StepContext) -> dict[str, torch.Tensor]:
         teacher_logits = self._teacher_logits(context.images)
-        t = self.hparams["temperature"]
-        ce, kl = hinton_terms(logits, targets, teacher_logits, t)
-        loss = self.hparams["ce_weight"] * ce + self.hparams["kd_weight"] * t * t * kl
-        return {"loss": loss, "ce": ce, "kl": kl}
+        params = self.hparams
+        return hinton_loss(logits, targets, teacher_logits, params["temperature"], params["kd_weight"], params["ce_weight"])
 
     def target_source(self) -> str:
         return f"teacher {self.teacher_model} (per sample)"

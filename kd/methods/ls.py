@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from kd.lspp import DEFAULT_ALPHA, soft_target_cross_entropy
-from kd.methods.base import Method, StepContext, float32, fraction
+from kd.losses import DEFAULT_ALPHA, cross_entropy
+from kd.methods.base import Method, StepContext, fraction
 
 ALPHA = fraction("alpha", DEFAULT_ALPHA, "smoothing mass a in [0, 1), spread uniformly over all K classes")
 
@@ -17,8 +16,4 @@ class LabelSmoothing(Method):
     params = (ALPHA,)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, context: StepContext) -> dict[str, torch.Tensor]:
-        alpha = self.hparams["alpha"]
-        with float32(logits):
-            if targets.dim() == 1:
-                return {"loss": F.cross_entropy(logits.float(), targets.long(), label_smoothing=alpha)}
-            return {"loss": soft_target_cross_entropy(logits, (1.0 - alpha) * targets.float() + alpha / self.num_classes)}
+        return {"loss": cross_entropy(logits, targets, label_smoothing=self.hparams["alpha"])}

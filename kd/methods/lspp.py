@@ -1,8 +1,10 @@
 """Label Smoothing++ (Chhabra et al.): a learned K x K C-matrix of class-level soft targets.
 
-The loss itself is `kd.lspp.lspp_terms` (log-space, float32, split gradients); this file
-makes it a method: the C logits as a parameter (no weight decay), the `--c-loss` ablation,
-and the export of cmatrix.safetensors at the end of training.
+The loss itself is `kd.losses.lspp_loss` (log-space, float32, split gradients) and the exported
+C-matrix `kd.losses.modules.lspp_cmatrix`, as for the public `LSPPLoss`; this file makes them a
+method: the C logits as a parameter (no weight decay; kept on the method itself, so run
+checkpoints name it "criterion.logits"), the `--c-loss` ablation, and the export of
+cmatrix.safetensors at the end of training.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd.cmatrix import CMatrix, save_cmatrix
-from kd.lspp import C_LOSSES, DEFAULT_ALPHA, lspp_terms
+from kd.cmatrix.artifact import CMatrix, save_cmatrix
+from kd.losses import C_LOSSES, DEFAULT_ALPHA, lspp_loss
+from kd.losses.modules import lspp_cmatrix
 from kd.methods.base import ExportInfo, Method, Param, Setup, StepContext
-from kd.rundir import CMATRIX_FILE
+from kd.training.rundir import CMATRIX_FILE
 
 
 class LSPP(Method):
@@ -37,8 +40,7 @@ class LSPP(Method):
         self.logits = nn.Parameter(torch.zeros(setup.num_classes, setup.num_classes - 1))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, context: StepContext) -> dict[str, torch.Tensor]:
-        terms = lspp_terms(logits, targets, self.logits, self.hparams["alpha"], self.hparams["c_loss"])
-        return {"loss": sum(terms.values()), **terms}
+        return lspp_loss(logits, targets, self.logits, self.hparams["alpha"], self.hparams["c_loss"])
 
     def target_source(self) -> str:
         return "labels+learned C"
@@ -48,10 +50,8 @@ class LSPP(Method):
 
     def to_cmatrix(self, info: ExportInfo) -> CMatrix:
         """The current C-matrix as the shareable artifact (source "lspp"), as `export` writes it."""
-        extra = {} if self.hparams["c_loss"] == "detached" else {"c_loss": self.hparams["c_loss"]}
-        return CMatrix.from_logits(
-            self.logits.detach().float().cpu(), class_names=info.class_names, alpha=self.hparams["alpha"],
-            source="lspp", dataset=info.dataset, teacher_model=info.model, teacher_top1=info.test_top1, extra=extra,
+        return lspp_cmatrix(
+            self.logits, self.hparams["alpha"], self.hparams["c_loss"], info.class_names, info.dataset, info.model, info.test_top1
         )
 
     def export(self, run_dir: Path, info: ExportInfo) -> None:

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kd.cmatrix import CMatrix, save_cmatrix
+from kd.cmatrix.artifact import CMatrix, save_cmatrix
 from kd.methods.base import (
     EpochContext, ExportInfo, Method, Setup, StepContext, float32, hard_labels, non_negative, weights_not_both_zero,
 )
-from kd.rundir import CMATRIX_FILE
+from kd.training.rundir import CMATRIX_FILE
 
 
 class OLS(Method):

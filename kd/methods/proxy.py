@@ -2,14 +2,14 @@
 
 Target (1-a) onehot(y) + a C[y]; for a label distribution s (Mixup/CutMix), (1-a) s + a (s @ C).
 C is a fixed buffer: no teacher network is loaded or run, so a step costs what plain
-training costs.
+training costs. The loss is `kd.losses.proxy_loss`, as for the public `ProxyTeacherLoss`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kd.lspp import mix_targets, soft_target_cross_entropy
+from kd.losses import proxy_loss
 from kd.methods.base import Method, Param, Setup, StepContext, fraction
 
 
@@ -31,7 +31,7 @@ class Proxy(Method):
         self.register_buffer("cmatrix", setup.cmatrix.probs.detach().float().clone())
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, context: StepContext) -> dict[str, torch.Tensor]:
-        return {"loss": soft_target_cross_entropy(logits, mix_targets(targets, self.cmatrix, self.hparams["alpha"]))}
+        return {"loss": proxy_loss(logits, targets, self.cmatrix, self.hparams["alpha"])}
 
     def target_source(self) -> str:
         return f"C-matrix ({self.cmatrix_info.source}, {self.cmatrix_info.teacher_model or '?'})"

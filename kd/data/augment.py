@@ -150,7 +150,7 @@ def parse_augment(text: str) -> tuple[str, ...]:
 
 
 def default_augment(dataset_key: str) -> tuple[str, ...]:
-    """The augmentations a dataset gets when the user chooses none (its key as in `kd.datasets.DATASET_NAMES`)."""
+    """The augmentations a dataset gets when the user chooses none (its key as in `kd.data.datasets.DATASET_NAMES`)."""
     try:
         return _DEFAULT_AUGMENT[dataset_key]
     except KeyError:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from kd.rundir import METRICS_FILE, STATUS_FILE, read_run_config, read_run_json
+from kd.training.rundir import METRICS_FILE, STATUS_FILE, read_run_config, read_run_json
 
 # (column title, metrics key or None for the run name, format)
 COLUMNS: tuple[tuple[str, str, str], ...] = (

@@ -236,7 +236,7 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
 
 def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Rebuild a run's network from config.json and load model.safetensors (no pickle)."""
-    from kd.models import build_model  # rundir is imported by stages that may not need models
+    from kd.models.networks import build_model  # rundir is imported by stages that may not need models
 
     config = read_run_config(run_dir)
     weights = Path(run_dir) / MODEL_FILE

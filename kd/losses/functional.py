@@ -1,4 +1,10 @@
-"""Label Smoothing++ (Chhabra et al., section 3.2): learned class-level soft targets.
+"""The formulas, as functions on tensors: LS++, the proxy teacher, (label-smoothed) cross-entropy, Hinton KD.
+
+Each formula has its one home here; the public loss modules
+(`kd.losses.modules`) and the training methods (`kd.methods`) call these functions. All of
+them compute in float32, also under mixed precision.
+
+Label Smoothing++ (Chhabra et al., section 3.2): learned class-level soft targets.
 
 For K classes a learnable logit matrix of shape K x (K-1), initialised to zeros, gives
 C = row-softmax with a zero inserted at the diagonal (a K x K row-stochastic matrix). The
@@ -15,11 +21,11 @@ We use the sum of the two terms, not the reference code's average: each term rea
 its own parameters, so a factor 1/2 would just halve the learning rate of both, and with the
 sum the network sees exactly the gradient of soft-target cross-entropy (comparable to 1-hot
 and LS at the same learning rate). The C logits get no weight decay (see
-`kd.methods.lspp.LSPP.no_weight_decay`): decay pulls the logits to zero, i.e. rows towards uniform (plain
-LS), which would bias the matrix we export and share.
+`kd.losses.modules.LSPPLoss.no_weight_decay`): decay pulls the logits to zero, i.e. rows towards
+uniform (plain LS), which would bias the matrix we export and share.
 
-Everything is computed in log-space in float32 (log-softmax and logaddexp, never the log of
-a probability plus an epsilon), also under mixed precision.
+LS++ is computed in log-space (log-softmax and logaddexp, never the log of a probability
+plus an epsilon).
 """
 
 from __future__ import annotations
@@ -116,6 +122,39 @@ def log_targets_from_logits(labels: torch.Tensor, c_logits: torch.Tensor, alpha:
     return rows.new_full((labels.shape[0], k), math.log1p(-alpha)).scatter(1, columns, rows)
 
 
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+def soft_target_cross_entropy(net_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """H(t, p) = -sum_k t_k log p_k, batch mean, in float32 with log-softmax (t taken as given)."""
+    with torch.autocast(device_type=net_logits.device.type, enabled=False):
+        return -_xlogy_sum(targets.float(), F.log_softmax(net_logits.float(), dim=1)).mean()
+
+
+def _xlogy_sum(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_k p_k * log q_k per row, with 0 * log 0 = 0 (and no NaN gradient from it)."""
+    safe_log_q = torch.where(p > 0, log_q, torch.zeros_like(log_q))
+    return (p * safe_log_q).sum(dim=-1)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy with class indices (N,) or label distributions (N, K), batch mean, in float32.
+
+    With `label_smoothing` a > 0 the target is (1 - a) s + a / K on every class, s the one-hot
+    label or the given distribution (label smoothing, Szegedy et al. 2016; the paper's eq. 2).
+    """
+    if targets.dim() == 1:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return F.cross_entropy(logits.float(), targets.long(), label_smoothing=label_smoothing)
+    soft = targets.float()
+    if label_smoothing:
+        soft = (1.0 - label_smoothing) * soft + label_smoothing / logits.shape[1]
+    return soft_target_cross_entropy(logits, soft)
+
+
+# ----------------------------------------------------------------------------- the proxy teacher (PT-LS++)
+
+
 def mix_targets(labels: torch.Tensor, cmatrix: torch.Tensor, alpha: float) -> torch.Tensor:
     """t = (1-a) * onehot(y) + a * C[y] for hard labels (N,), (1-a) * s + a * (s @ C) for soft (N, K).
 
@@ -130,16 +169,12 @@ def mix_targets(labels: torch.Tensor, cmatrix: torch.Tensor, alpha: float) -> to
     return (1.0 - alpha) * soft + alpha * (soft[:, present] @ cmatrix[present])
 
 
-def soft_target_cross_entropy(net_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """H(t, p) = -sum_k t_k log p_k, batch mean, in float32 with log-softmax (t taken as given)."""
-    with torch.autocast(device_type=net_logits.device.type, enabled=False):
-        return -_xlogy_sum(targets.float(), F.log_softmax(net_logits.float(), dim=1)).mean()
+def proxy_loss(logits: torch.Tensor, targets: torch.Tensor, cmatrix: torch.Tensor, alpha: float) -> torch.Tensor:
+    """PT-LS++ (paper section 5.3): soft-target cross-entropy against `mix_targets(targets, C, a)`, C fixed."""
+    return soft_target_cross_entropy(logits, mix_targets(targets, cmatrix, alpha))
 
 
-def _xlogy_sum(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """sum_k p_k * log q_k per row, with 0 * log 0 = 0 (and no NaN gradient from it)."""
-    safe_log_q = torch.where(p > 0, log_q, torch.zeros_like(log_q))
-    return (p * safe_log_q).sum(dim=-1)
+# ----------------------------------------------------------------------------- the LS++ loss
 
 
 C_LOSSES = ("detached", "ce", "sce")
@@ -187,3 +222,48 @@ def _detached_terms_for_labels(net_logits: torch.Tensor, labels: torch.Tensor, c
             "network": -(log_t.detach().exp() * log_p).sum(dim=1).mean(),
             "cmatrix": -(log_p.detach().exp() * log_t).sum(dim=1).mean(),
         }
+
+
+def lspp_loss(net_logits: torch.Tensor, labels: torch.Tensor, c_logits: torch.Tensor, alpha: float, c_loss: str = "detached") -> dict[str, torch.Tensor]:
+    """The LS++ loss and its named parts: `{"loss": the sum of the terms, **lspp_terms(...)}`."""
+    terms = lspp_terms(net_logits, labels, c_logits, alpha, c_loss)
+    return {"loss": sum(terms.values()), **terms}
+
+
+# ----------------------------------------------------------------------------- classic KD (Hinton et al. 2015)
+
+# Hinton KD defaults: temperature, weight of T^2 * KL, weight of the cross-entropy with the labels.
+KD_TEMPERATURE, KD_WEIGHT, KD_CE_WEIGHT = 4.0, 0.9, 0.1
+
+
+def hinton_terms(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE(s, y), KL(softmax(t / T) || softmax(s / T))), batch means in float32 even under mixed precision.
+
+    `targets` are class indices (N,) or label distributions (N, K) (soft cross-entropy then).
+    """
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        student = student_logits.float()
+        kl = F.kl_div(
+            F.log_softmax(student / temperature, dim=1),
+            F.log_softmax(teacher_logits.float() / temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+    return cross_entropy(student, targets), kl
+
+
+def hinton_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = KD_TEMPERATURE,
+    kd_weight: float = KD_WEIGHT,
+    ce_weight: float = KD_CE_WEIGHT,
+) -> dict[str, torch.Tensor]:
+    """`{"loss": ce_weight * CE(s, y) + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T)), "ce": ..., "kl": ...}`.
+
+    The weights are named explicitly because torchdistill's and RepDistiller's "alpha" mean
+    opposite things.
+    """
+    ce, kl = hinton_terms(student_logits, targets, teacher_logits, temperature)
+    return {"loss": ce_weight * ce + kd_weight * temperature * temperature * kl, "ce": ce, "kl": kl}

@@ -22,23 +22,19 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset
 from kd.errors import KDError, one_line
-
-if TYPE_CHECKING:
-    from kd.datasets import ImageDataset
 
 TIMM_PREFIX = "timm:"
 TORCHVISION_PREFIXES = ("tv:", "torchvision:")
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_SIZE = 224
 LUMINANCE = (0.299, 0.587, 0.114)  # RGB -> gray, as PIL's "L" mode
 
@@ -79,7 +75,7 @@ class Teacher:
 
 def load_run_teacher(run_dir: str | os.PathLike) -> tuple[Teacher, dict]:
     """The network of a finished run, with its top-1 (metrics.json) and alpha; and its config.json."""
-    from kd.rundir import METRICS_FILE, load_run_model, read_run_json
+    from kd.training.rundir import METRICS_FILE, load_run_model, read_run_json
 
     net, config = load_run_model(run_dir)
     top1 = None
@@ -323,7 +319,7 @@ def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def read_teacher_weights(path: str | os.PathLike) -> TeacherWeights:
     """Read a teacher's weights file (see the module docstring); every problem is a one-line `KDError`."""
-    from kd.cmatrix import file_sha256
+    from kd.cmatrix.artifact import file_sha256
 
     file = Path(path)
     where = f"--teacher-weights {path}"

@@ -5,7 +5,7 @@ For each true class y: the network's predicted distribution over the other class
 zero diagonal and rows summing to 1. This turns any teacher, including one trained without
 LS++, into a proxy teacher.
 
-The teacher is a `kd.pretrained.Teacher`: a run directory's network or a pretrained timm /
+The teacher is a `kd.models.pretrained.Teacher`: a run directory's network or a pretrained timm /
 torchvision classifier behind its input adapter; both take the dataset's batches, so one code
 path (`posthoc_cmatrix`) serves both.
 """
@@ -18,40 +18,33 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from kd.cmatrix import CMatrix
-from kd.datasets import ImageDataset
+from kd.cmatrix.artifact import CMatrix
+from kd.data.datasets import ImageDataset
 from kd.errors import KDError
-from kd.loader import DeviceBatches
-from kd.lspp import DEFAULT_ALPHA
-from kd.pretrained import Teacher
+from kd.losses import DEFAULT_ALPHA
+from kd.models.pretrained import Teacher
+from kd.training.evaluate import predict
+
+_ROWS = 65536  # images per slice of the estimate
 
 
-@torch.no_grad()
 def estimate_cmatrix(net: nn.Module, data: ImageDataset, batch_size: int, accelerator: Accelerator) -> torch.Tensor:
     """K x K float32 matrix from one pass over the (un-augmented) training split."""
     k = data.num_classes
-    batches = DeviceBatches(
-        data, "train", batch_size, accelerator.device, training=False,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-    )
-    net = net.to(accelerator.device).eval()
-    sums = torch.zeros(k, k, dtype=torch.float64, device=accelerator.device)
-    counts = torch.zeros(k, dtype=torch.float64, device=accelerator.device)
-    with accelerator.autocast():
-        for images, labels, valid in batches:
-            probs = torch.softmax(net(images).float(), dim=1).double()
-            labels, probs = labels[valid], probs[valid]
-            probs[torch.arange(len(labels), device=probs.device), labels] = 0.0
-            non_target = probs / probs.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-            sums.index_add_(0, labels, non_target)
-            counts += torch.bincount(labels, minlength=k).double()
-    sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
+    logits, labels = predict(net, data, "train", batch_size, accelerator)
+    sums = torch.zeros(k, k, dtype=torch.float64)
+    for start in range(0, len(labels), _ROWS):  # float64 probabilities a slice at a time
+        chunk = labels[start : start + _ROWS]
+        probs = torch.softmax(logits[start : start + _ROWS], dim=1).double()
+        probs[torch.arange(len(chunk)), chunk] = 0.0
+        sums.index_add_(0, chunk, probs / probs.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny))
+    counts = torch.bincount(labels, minlength=k).double()
     empty = [data.class_names[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
     if empty:
         raise KDError(f"no training images for class(es) {', '.join(empty[:5])}: cannot estimate their rows")
     cmatrix = sums / counts[:, None]
     cmatrix.fill_diagonal_(0.0)
-    return (cmatrix / cmatrix.sum(dim=1, keepdim=True)).float().cpu()
+    return (cmatrix / cmatrix.sum(dim=1, keepdim=True)).float()
 
 
 def posthoc_cmatrix(

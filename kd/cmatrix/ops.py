@@ -15,8 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from kd.cmatrix import CMatrix, CMatrixError, _now_utc, file_sha256, quoted_names, remap_by_name
-from kd.lspp import insert_diagonal, remove_diagonal
+from kd.cmatrix.artifact import CMatrix, CMatrixError, file_sha256, quoted_names, remap_by_name, reorder, select_logits
 
 # Extra metadata keys written by the tools below (see docs/cmatrix-format.md, "Provenance").
 PROVENANCE_KEYS = ("sources", "parent_source", "parent_created")
@@ -65,13 +64,6 @@ def _sources_json(sources: Sequence[Mapping[str, Any]]) -> str:
     return json.dumps([dict(s) for s in sources], ensure_ascii=False, separators=(",", ":"))
 
 
-def _restrict_logits(cm: CMatrix, index: Sequence[int]) -> torch.Tensor:
-    """The K' x (K'-1) logits of the classes at `index` (in that order), from `cm`'s logits."""
-    perm = torch.tensor(list(index), dtype=torch.long)
-    full = insert_diagonal(cm.logits.detach().cpu().float(), 0.0)
-    return remove_diagonal(full[perm][:, perm].contiguous()).contiguous()
-
-
 def subset(cm: CMatrix, class_names: Sequence[str], sources: Sequence[Mapping[str, Any]] | None = None) -> CMatrix:
     """Restrict `cm` to `class_names` (in that order) and renormalise each row over the kept classes.
 
@@ -93,7 +85,7 @@ def subset(cm: CMatrix, class_names: Sequence[str], sources: Sequence[Mapping[st
         raise CMatrixError(
             f"subset: no class {quoted_names(unknown)} in the C-matrix (its classes: {quoted_names(list(cm.class_names), 8)})"
         )
-    logits = _restrict_logits(cm, [index[n] for n in target])
+    logits = select_logits(cm.logits.detach().cpu().float(), [index[n] for n in target])
     extra = {k: v for k, v in cm.extra.items() if k not in PROVENANCE_KEYS}
     extra["sources"] = _sources_json(sources if sources is not None else [source_entry(cm)])
     return CMatrix.from_logits(
@@ -109,31 +101,14 @@ def subset(cm: CMatrix, class_names: Sequence[str], sources: Sequence[Mapping[st
 
 
 def remap(cm: CMatrix, class_names: Sequence[str], sources: Sequence[Mapping[str, Any]] | None = None) -> CMatrix:
-    """`remap_by_name` that always returns a new `source = "remap"` matrix with `sources` provenance.
+    """`kd.cmatrix.artifact.reorder` (always a new `source = "remap"` matrix) with `sources` provenance.
 
     `class_names` must be the same set as `cm`'s; a strict subset is refused with a pointer to
     `subset`.
     """
-    target = tuple(class_names)
-    if len(set(target)) != len(target):
-        duplicates = sorted({n for n in target if target.count(n) > 1})
-        raise CMatrixError(f"remap: class {quoted_names(duplicates)} appears more than once in the target order")
-    have, want = set(cm.class_names), set(target)
-    if have != want:
-        missing = [n for n in target if n not in have]
-        dropped = [n for n in cm.class_names if n not in want]
-        hint = "; to keep only some classes use `kd cmatrix subset`" if not missing else ""
-        raise CMatrixError(
-            f"remap: the target order must name the same {cm.num_classes} classes as the C-matrix: "
-            f"only in the C-matrix: {quoted_names(dropped)}; only in the target: {quoted_names(missing)}{hint}"
-        )
-    out = remap_by_name(cm, target)
-    extra = dict(out.extra)
-    if out is cm and cm.source != "remap":  # already in order: record the parent as remap_by_name would
-        extra["parent_source"] = cm.source
-        extra["parent_created"] = cm.created
-    extra["sources"] = _sources_json(sources if sources is not None else [source_entry(cm)])
-    return replace(out, source="remap", created=_now_utc(), extra=extra)
+    out = reorder(cm, class_names, "remap")
+    entries = sources if sources is not None else [source_entry(cm)]
+    return replace(out, extra={**out.extra, "sources": _sources_json(entries)})
 
 
 def _joined(values: Sequence[str]) -> str:

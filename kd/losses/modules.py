@@ -9,9 +9,9 @@ convention); `targets` are class indices (N,) or label distributions (N, K) (Mix
 * `ProxyTeacherLoss` trains a student from a C-matrix (a `CMatrix` or a cmatrix.safetensors
   path) alone: targets (1 - a) onehot(y) + a C[y], no teacher network.
 
-They are thin adapters over the toolkit's own methods (`build_method("lspp", ...)` and
-`build_method("proxy", ...)`), so they compute exactly what `kd train-teacher --method lspp`
-and `kd distill --proxy FILE` compute.
+They compute with the functions the toolkit's `lspp` and `proxy` methods compute with
+(`kd.losses.functional`), so they give exactly what `kd train-teacher --method lspp` and
+`kd distill --proxy FILE` give.
 
 Under DistributedDataParallel the C logits must sit inside the module DDP wraps (put the
 network and the `LSPPLoss` in one `nn.Module`), or their gradients are not all-reduced.
@@ -19,6 +19,7 @@ network and the `LSPPLoss` in one `nn.Module`), or their gradients are not all-r
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,19 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd.cmatrix import CMatrix, check_class_names, load_cmatrix, save_cmatrix, validate
-from kd.cmatrix import remap_by_name as remap_cmatrix_by_name
+from kd.cmatrix.artifact import CMatrix, check_class_names, load_cmatrix, save_cmatrix, validate
+from kd.cmatrix.artifact import remap_by_name as remap_cmatrix_by_name
 from kd.errors import KDError
-from kd.lspp import DEFAULT_ALPHA, log_targets_from_logits, mix_targets
-from kd.methods import ExportInfo, Method, StepContext, build_method
-from kd.methods.lspp import LSPP
-from kd.methods.proxy import Proxy
-from kd.rundir import CMATRIX_FILE
+from kd.losses.functional import C_LOSSES, DEFAULT_ALPHA, log_targets_from_logits, lspp_loss, mix_targets, proxy_loss
+from kd.training.rundir import CMATRIX_FILE
 
-__all__ = ["LSPPLoss", "ProxyTeacherLoss"]
-
-# Neither method reads where training is; they are called with this fixed context.
-_NO_SCHEDULE = StepContext(epoch=0, step=0, total_steps=1, steps_per_epoch=1)
+__all__ = ["LSPPLoss", "ProxyTeacherLoss", "lspp_cmatrix"]
 
 
 def _check_batch(owner: str, logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> None:
@@ -60,23 +55,33 @@ def _check_batch(owner: str, logits: torch.Tensor, targets: torch.Tensor, num_cl
         )
 
 
-def _argument_words(error: KDError, method: type[Method]) -> str:
-    """A method's parameter error in the words of this API: `alpha`, not the flag `--alpha`."""
-    message = str(error)
-    for param in method.params:
-        message = message.replace(param.flag, param.name)
-    return message
-
-
-def _class_names(owner: str, num_classes: int, class_names: Sequence[str] | None) -> tuple[str, ...] | None:
+def _class_names(owner: str, num_classes: int, class_names: Sequence[str] | None) -> tuple[str, ...]:
+    """The K class names as strings ("0".."K-1" if not given); a one-line `KDError` if they do not fit."""
     if class_names is None:
-        return None
+        return tuple(str(i) for i in range(num_classes))
     names = tuple(str(name) for name in class_names)
     if len(names) != num_classes:
         raise KDError(f"{owner}: {len(names)} class names for {num_classes} classes")
     if len(set(names)) != len(names) or not all(names):
         raise KDError(f"{owner}: class names must be non-empty and unique")
     return names
+
+
+def lspp_cmatrix(
+    c_logits: torch.Tensor,
+    alpha: float,
+    c_loss: str,
+    class_names: Sequence[str],
+    dataset: str = "",
+    model: str = "",
+    top1: float | None = None,
+) -> CMatrix:
+    """The shareable C-matrix (source "lspp") of LS++ C logits; a variant other than "detached" is recorded."""
+    extra = {} if c_loss == "detached" else {"c_loss": c_loss}
+    return CMatrix.from_logits(
+        c_logits.detach().float().cpu(), class_names=class_names, alpha=alpha,
+        source="lspp", dataset=dataset, teacher_model=model, teacher_top1=top1, extra=extra,
+    )
 
 
 class LSPPLoss(nn.Module):
@@ -108,36 +113,21 @@ class LSPPLoss(nn.Module):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise KDError(f"LSPPLoss: num_classes must be an integer >= 2, got {num_classes!r}")
-        names = _class_names("LSPPLoss", num_classes, class_names)
-        try:
-            method = build_method("lspp", num_classes, names, alpha=alpha, c_loss=c_loss)
-        except KDError as exc:
-            raise KDError(f"LSPPLoss: {_argument_words(exc, LSPP)}") from None
-        assert isinstance(method, LSPP)
-        self.method = method
-        self.class_names: tuple[str, ...] = names if names is not None else tuple(str(i) for i in range(num_classes))
-
-    @property
-    def num_classes(self) -> int:
-        return self.method.num_classes
-
-    @property
-    def alpha(self) -> float:
-        return float(self.method.hparams["alpha"])
-
-    @property
-    def c_loss(self) -> str:
-        return str(self.method.hparams["c_loss"])
-
-    @property
-    def c_logits(self) -> nn.Parameter:
-        """The learnable K x (K-1) C logits (row y lists class y's logits for every column but y)."""
-        return self.method.logits
+        self.class_names = _class_names("LSPPLoss", num_classes, class_names)
+        if not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
+            raise KDError(f"LSPPLoss: alpha must be in (0, 1) (at 0 the C-matrix would never be trained), got {alpha!r}")
+        if c_loss not in C_LOSSES:
+            raise KDError(f"LSPPLoss: c_loss must be one of {', '.join(C_LOSSES)}, got {c_loss!r}")
+        self.num_classes = num_classes
+        self.alpha = float(alpha)
+        self.c_loss = c_loss
+        # The learnable K x (K-1) C logits (row y lists class y's logits for every column but y).
+        self.c_logits = nn.Parameter(torch.zeros(num_classes, num_classes - 1))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The LS++ loss (batch mean) for network logits (N, K) and class indices (N,) or distributions (N, K)."""
         _check_batch("LSPPLoss", logits, targets, self.num_classes)
-        return self.method(logits, targets, _NO_SCHEDULE)["loss"]
+        return lspp_loss(logits, targets, self.c_logits, self.alpha, self.c_loss)["loss"]
 
     def targets(self, targets: torch.Tensor) -> torch.Tensor:
         """The current soft targets t (N, K) for class indices (N,) or label distributions (N, K)."""
@@ -145,14 +135,14 @@ class LSPPLoss(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) that must not be weight-decayed: the C logits."""
-        return {f"method.{name}" for name in self.method.no_weight_decay()}
+        return {"c_logits"}
 
     def to_cmatrix(self, dataset: str = "", model: str = "", top1: float | None = None) -> CMatrix:
         """The current C-matrix as a shareable `CMatrix` (source "lspp"), with optional provenance.
 
         `top1` is the network's test accuracy as a fraction in [0, 1], if known.
         """
-        return self.method.to_cmatrix(ExportInfo(self.class_names, dataset, model, top1))
+        return lspp_cmatrix(self.c_logits, self.alpha, self.c_loss, self.class_names, dataset, model, top1)
 
     def export(self, path: str | os.PathLike, dataset: str = "", model: str = "", top1: float | None = None) -> Path:
         """Write the current C-matrix to `path` (a directory gets cmatrix.safetensors in it); returns the file.
@@ -180,7 +170,7 @@ class ProxyTeacherLoss(nn.Module):
         remap_by_name: with `class_names`, re-order the C-matrix's rows and columns to the
             dataset's order when the names are the same set in a different order.
 
-    Move it to the network's device (`.to(device)`): C is a buffer.
+    Move it to the network's device (`.to(device)`): C is a buffer (`probs`).
     """
 
     def __init__(
@@ -203,35 +193,26 @@ class ProxyTeacherLoss(nn.Module):
             if remap_by_name and set(names) == set(matrix.class_names) and len(names) == matrix.num_classes:
                 matrix = remap_cmatrix_by_name(matrix, names)
             check_class_names(matrix, names, where)
-        try:
-            method = build_method("proxy", matrix.num_classes, matrix.class_names, alpha=alpha, cmatrix=matrix)
-        except KDError as exc:
-            raise KDError(f"ProxyTeacherLoss: {_argument_words(exc, Proxy)}") from None
-        assert isinstance(method, Proxy)
-        self.method = method
-
-    @property
-    def cmatrix(self) -> CMatrix:
-        """The C-matrix (with its provenance) the targets come from."""
-        return self.method.cmatrix_info
+        alpha = matrix.alpha if alpha is None else alpha
+        if not isinstance(alpha, numbers.Real) or not 0.0 <= alpha < 1.0:
+            raise KDError(f"ProxyTeacherLoss: alpha must be in [0, 1), got {alpha!r}")
+        self.cmatrix = matrix  # the C-matrix with its provenance
+        self.alpha = float(alpha)
+        self.register_buffer("probs", matrix.probs.detach().float().clone())
 
     @property
     def num_classes(self) -> int:
-        return self.method.num_classes
+        return self.cmatrix.num_classes
 
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.cmatrix.class_names
 
-    @property
-    def alpha(self) -> float:
-        return float(self.method.hparams["alpha"])
-
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Soft-target cross-entropy (batch mean) for logits (N, K) and class indices (N,) or distributions (N, K)."""
         _check_batch("ProxyTeacherLoss", logits, targets, self.num_classes)
-        return self.method(logits, targets, _NO_SCHEDULE)["loss"]
+        return proxy_loss(logits, targets, self.probs, self.alpha)
 
     def targets(self, targets: torch.Tensor) -> torch.Tensor:
         """The soft targets t (N, K) for class indices (N,) or label distributions (N, K)."""
-        return mix_targets(targets, self.method.cmatrix, self.alpha)
+        return mix_targets(targets, self.probs, self.alpha)

@@ -6,8 +6,9 @@ executes code: only the safetensors reader is used, never pickle or `torch.load`
 The format is specified in docs/cmatrix-format.md.
 
 This module is the artifact itself (format, metadata, validation, load/save, class-name
-checks); the operations that derive new matrices (subset, merge, remap) are in
-`kd.cmatrix_ops`, the comparison of two matrices (diff) in `kd.cmatrix_diff`.
+checks, and re-ordering by class name: `reorder`, `remap_by_name`); the operations that derive
+new matrices with their provenance (subset, merge, remap) are in `kd.cmatrix.ops`, the
+comparison of two matrices (diff) in `kd.cmatrix.diff`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from safetensors import safe_open
 from kd import __version__
 from kd.errors import KDError, short_list
 from kd.io import WriteError, save_safetensors_atomic
-from kd.lspp import cmatrix_from_logits, insert_diagonal, remove_diagonal
+from kd.losses.functional import cmatrix_from_logits, insert_diagonal, remove_diagonal
 
 FORMAT_NAME = "lspp-cmatrix"
 FORMAT_VERSION = "1.0"
@@ -449,26 +450,52 @@ def load_cmatrix(path: str | os.PathLike, expected_class_names: Sequence[str] | 
 # Re-ordering by class name, file checksum
 
 
-def remap_by_name(cm: CMatrix, class_names: Sequence[str]) -> CMatrix:
-    """Re-order rows and columns (probs and logits alike) to `class_names`, the same set of names."""
+def select_logits(logits: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
+    """The K' x (K'-1) logits of the classes at `index` (in that order), from K x (K-1) `logits`.
+
+    The diagonal entry of row a lands on the diagonal of the new row a, so dropping it again
+    leaves each row's off-diagonal logits in the new column order.
+    """
+    perm = torch.as_tensor(list(index), dtype=torch.long)
+    full = insert_diagonal(logits, 0.0)
+    return remove_diagonal(full[perm][:, perm].contiguous()).contiguous()
+
+
+def reorder(cm: CMatrix, class_names: Sequence[str], where: str = "remap") -> CMatrix:
+    """A new matrix (source "remap") with `cm`'s rows and columns (probs and logits alike) re-ordered to
+    `class_names`, which must name each of its classes once; a one-line `CMatrixError` starting with
+    `where` otherwise. The first remap records its parent's source and creation time."""
     target = tuple(class_names)
-    if target == cm.class_names:
-        return cm
-    if len(target) != cm.num_classes or set(target) != set(cm.class_names) or len(set(target)) != len(target):
-        check_class_names(cm, target, "remap by name")  # explains count or name differences
-        raise _fail("remap by name", "class names must be the same set of unique names as the C-matrix's")
+    if len(set(target)) != len(target):
+        duplicates = sorted({n for n in target if target.count(n) > 1})
+        raise _fail(where, f"class {quoted_names(duplicates)} appears more than once in the target order")
+    have, want = set(cm.class_names), set(target)
+    if have != want:
+        missing = [n for n in target if n not in have]
+        dropped = [n for n in cm.class_names if n not in want]
+        hint = "; to keep only some classes use `kd cmatrix subset`" if not missing else ""
+        raise _fail(
+            where,
+            f"the target order must name the same {cm.num_classes} classes as the C-matrix: "
+            f"only in the C-matrix: {quoted_names(dropped)}; only in the target: {quoted_names(missing)}{hint}",
+        )
     index = {name: i for i, name in enumerate(cm.class_names)}
-    perm = torch.tensor([index[name] for name in target], dtype=torch.long)
+    perm = [index[name] for name in target]
     probs = cm.probs[perm][:, perm].contiguous()
-    # The diagonal entry of row a lands on the diagonal of the new row a, so dropping it again
-    # leaves each row's off-diagonal logits in the new column order.
-    full_logits = insert_diagonal(cm.logits, 0.0)
-    logits = remove_diagonal(full_logits[perm][:, perm].contiguous()).contiguous()
     extra = dict(cm.extra)
     if cm.source != "remap":
         extra["parent_source"] = cm.source
         extra["parent_created"] = cm.created
-    return replace(cm, probs=probs, logits=logits, class_names=target, source="remap", created=_now_utc(), extra=extra)
+    return replace(
+        cm, probs=probs, logits=select_logits(cm.logits, perm), class_names=target, source="remap",
+        created=_now_utc(), extra=extra,
+    )
+
+
+def remap_by_name(cm: CMatrix, class_names: Sequence[str]) -> CMatrix:
+    """`reorder` to `class_names`, the same set of names; `cm` itself when it is in that order already."""
+    target = tuple(class_names)
+    return cm if target == cm.class_names else reorder(cm, target, "remap by name")
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -1,8 +1,8 @@
 """Batches for the training engine: sharded per process, augmented and normalised on the device.
 
 One path for every dataset. Each process gets its own slice of every epoch (`shard_indices`).
-In-memory data (a uint8 tensor, see `kd.datasets.InMemorySplit`) is moved to the device once
-and batches are cut and augmented there (`kd.augment`: the user's list, or the dataset's
+In-memory data (a uint8 tensor, see `kd.data.datasets.InMemorySplit`) is moved to the device once
+and batches are cut and augmented there (`kd.data.augment`: the user's list, or the dataset's
 default), instead of PIL work per sample per epoch. Streaming data (large ImageFolder trees)
 goes through a DataLoader with workers over the same shard, decoding and resizing on the CPU
 (with ``crop`` listed, making the seeded random-resized crop there); the other augmentations
@@ -20,8 +20,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kd.augment import AugmentOptions, StreamingResizedCrop, build_pipeline
-from kd.datasets import ImageDataset, InMemorySplit
+from kd.data.augment import AugmentOptions, StreamingResizedCrop, build_pipeline
+from kd.data.datasets import ImageDataset, InMemorySplit
 from kd.errors import KDError
 
 
@@ -119,7 +119,7 @@ class DeviceBatches:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         if split == "val" and data.val is None:
-            raise ValueError("the dataset has no validation split (see kd.datasets.validation_split)")
+            raise ValueError("the dataset has no validation split (see kd.data.splits.validation_split)")
         self.train = split == "train" if training is None else training
         self.source = {"train": data.train, "val": data.val, "test": data.test}[split]
         self.batch_size = batch_size
@@ -180,8 +180,8 @@ class DeviceBatches:
             return
         source = self.source
         if self.augment_options is not None and "crop" in self.augment_options.names:
-            # Here, not at the top: kd.streaming imports torchvision (seconds; in-memory data never needs it).
-            from kd.streaming import StreamingImageFolder
+            # Here, not at the top: kd.data.streaming imports torchvision (seconds; in-memory data never needs it).
+            from kd.data.streaming import StreamingImageFolder
 
             assert isinstance(source, StreamingImageFolder)
             source = source.with_transform(StreamingResizedCrop(self.image_size, self.seed, self.epoch))

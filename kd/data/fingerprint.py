@@ -11,7 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from kd.datasets import ImageDataset, is_image_file, normalise_dataset_name
+from kd.data.datasets import ImageDataset, normalise_dataset_name
+from kd.data.imagefolder import is_image_file
 
 
 def _image_files(root: Path) -> list[tuple[str, int]]:

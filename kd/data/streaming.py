@@ -1,10 +1,9 @@
 """Streaming ImageFolder data: `StreamingImageFolder`, torchvision's ImageFolder over a checked sample list.
 
-Apart from `kd.datasets` because it subclasses torchvision's class, and importing torchvision
+Apart from `kd.data.datasets` because it subclasses torchvision's class, and importing torchvision
 costs seconds (torchvision.ops pulls in torch._dynamo) that runs on in-memory data never need:
-`kd.datasets` imports this module only when it streams a dataset (and `kd.datasets.StreamingImageFolder`
-still names the class, lazily). The class stays module-level here, so DataLoader workers started
-with spawn or forkserver can unpickle it.
+`kd.data.datasets` and `kd.data.loader` import this module only when they stream a dataset. The
+class stays module-level here, so DataLoader workers started with spawn or forkserver can unpickle it.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torchvision.datasets import ImageFolder
 
-from kd.datasets import _image_error
+from kd.data.decode import image_error
 from kd.errors import KDError
 
 
@@ -27,7 +26,7 @@ class StreamingImageFolder(ImageFolder):
 
     Samples are (uint8 C x S x S tensor, label): `transform` (one argument, torchvision's
     convention) makes the tensor, unless `with_transform` gave a copy a transform of
-    (image, sample index), such as the seeded training crop of `kd.augment.StreamingResizedCrop`.
+    (image, sample index), such as the seeded training crop of `kd.data.augment.StreamingResizedCrop`.
     An unreadable file is a one-line KDError naming it; with `skip_bad` the next readable sample
     stands in for it (and a line on stderr names it). Module-level so DataLoader workers started
     with spawn or forkserver can unpickle it.
@@ -76,7 +75,7 @@ class StreamingImageFolder(ImageFolder):
                     return self._kd_indexed_transform(image, index), label
                 return (self.transform(image) if self.transform is not None else image), label
             except Exception as error:  # the loader's KDError, or a transform's failure on this file
-                failure = _image_error(path, error)
+                failure = image_error(path, error)
                 if not self._kd_skip_bad:
                     raise failure from None
                 print(f"kd: warning: {failure}; skipped (--skip-bad-images)", file=sys.stderr, flush=True)

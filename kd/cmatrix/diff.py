@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 import torch
 
-from kd.cmatrix import CMatrix, CMatrixError, quoted_names
-from kd.cmatrix_ops import subset
-from kd.lspp import remove_diagonal
+from kd.cmatrix.artifact import CMatrix, CMatrixError, quoted_names
+from kd.cmatrix.ops import subset
+from kd.losses.functional import remove_diagonal
 
 # `diff` needs at least this many shared classes: two non-target entries per row to compare.
 MIN_DIFF_CLASSES = 3

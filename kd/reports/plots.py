@@ -7,7 +7,7 @@
   (up to `MAX_SIDE_INCHES`), so 100 classes stay readable.
 * `plot_reliability`: a reliability diagram (Guo et al. 2017): per confidence bin, the
   accuracy as a bar against the diagonal of perfect calibration, the gap to the bin's mean
-  confidence shaded, and the ECE in the title, computed by `kd.metrics` (the number
+  confidence shaded, and the ECE in the title, computed by `kd.reports.metrics` (the number
   `metrics.json` reports as `test_ece` for the same predictions).
 * `plot_curves`: every per-epoch list of a run's `metrics.json` (`epoch_train_loss`, the parts
   of `epoch_loss_parts`, and any later `epoch_*` list or dict of lists) against the epoch.
@@ -32,10 +32,10 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kd.cmatrix import CMatrix
+from kd.cmatrix.artifact import CMatrix
 from kd.errors import KDError, one_line
 from kd.io import atomic_path
-from kd.metrics import classification_metrics
+from kd.reports.metrics import classification_metrics
 
 DPI = 110
 # C-matrix heatmaps: values in the cells up to this many classes ...
@@ -152,8 +152,8 @@ def _as_logits(probs_or_logits: Any) -> torch.Tensor:
 def calibration_bins(logits: torch.Tensor, labels: torch.Tensor, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per confidence bin: (count, mean confidence, accuracy), NaN for empty bins.
 
-    The confidences are those of `kd.metrics.classification_metrics` (max softmax probability,
-    in float64) and bin m holds (m/bins, (m+1)/bins] as in `kd.metrics.expected_calibration_error`
+    The confidences are those of `kd.reports.metrics.classification_metrics` (max softmax probability,
+    in float64) and bin m holds (m/bins, (m+1)/bins] as in `kd.reports.metrics.expected_calibration_error`
     (a confidence of 0 in the first bin), so these bars add up to its ECE.
     """
     log_probs = torch.log_softmax(logits.to(torch.float64), dim=1)
@@ -191,7 +191,7 @@ def plot_reliability(
     `probs_or_logits` is taken as probabilities when every row lies in [0, 1] and sums to 1
     (within 1e-3), else as logits. Top: each non-empty bin's accuracy as a bar, the gap to
     the bin's mean confidence shaded, the diagonal of perfect calibration, and the ECE (from
-    `kd.metrics.classification_metrics`, `bins` equal-width bins) in the title; bins with too
+    `kd.reports.metrics.classification_metrics`, `bins` equal-width bins) in the title; bins with too
     few predictions to read (`sparse_bins`) are drawn faint. Bottom: the share of predictions
     per bin.
     """

@@ -1,0 +1,1 @@
+"""Reports: metrics (accuracy, NLL, calibration), run comparison tables and figures."""

@@ -1,0 +1,1 @@
+"""Training: the stage runner, the epoch loop on Accelerate, checkpoint state and run directories."""
