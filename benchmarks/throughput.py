@@ -382,7 +382,7 @@ def shown(command: list[str]) -> str:
 def smoke_folder(dest: Path) -> Path:
     """26 training and 3 test images per class of the shared CIFAR-10 zip (tests/conftest.py's own
     slice); without the zip, a generated 10-class 32x32 RGB ImageFolder of the same size."""
-    from tests.conftest import CIFAR10_ZIP, extract_cifar10_subset, make_image_folder
+    from tests.helpers import CIFAR10_ZIP, extract_cifar10_subset, make_image_folder
 
     if CIFAR10_ZIP.exists():
         return extract_cifar10_subset(dest, train_per_class=26, test_per_class=3)

@@ -25,8 +25,7 @@ from kd.data.augment import (
 from kd.data.datasets import DATASET_NAMES, load_dataset
 from kd.errors import KDError
 from kd.data.loader import DeviceBatches, Normalize
-from tests.conftest import make_image_folder
-from tests.test_datasets import assert_one_line_kderror
+from tests.helpers import FAST, assert_one_line_error, assert_one_line_kderror, kd_in_process, make_image_folder, read_run
 
 CPU = torch.device("cpu")
 
@@ -383,8 +382,6 @@ def test_streaming_without_crop_trains_on_the_evaluation_view(streaming):
 
 
 def test_augment_flags_are_recorded_resolved_and_soft_labels_train_every_method_that_takes_them(tmp_path, digits_teacher):
-    from tests.test_cli import FAST, kd_in_process, read_run
-
     soft = ["--augment", "crop,cutout,mixup,cutmix", "--mixup-alpha", "0.4"]
     teacher = tmp_path / "lspp"
     result = kd_in_process("train-teacher", "--out", str(teacher), *soft, *FAST)
@@ -404,8 +401,6 @@ def test_augment_flags_are_recorded_resolved_and_soft_labels_train_every_method_
 
 
 def test_bad_augment_flags_are_one_line_before_any_data_is_read(tmp_path):
-    from tests.test_cli import FAST, assert_one_line_error, kd_in_process
-
     out = str(tmp_path / "run")
     missing = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere")]  # would fail if data were read
     for args, fragment in (
@@ -419,8 +414,6 @@ def test_bad_augment_flags_are_one_line_before_any_data_is_read(tmp_path):
 
 
 def test_a_streamed_folder_trains_with_augmentations_through_the_cli(tmp_path):
-    from tests.test_cli import kd_in_process, read_run
-
     data = make_image_folder(tmp_path / "data", size=72)  # larger than 64 px: streamed through DataLoader workers
     out = tmp_path / "run"
     result = kd_in_process("train-teacher", "--dataset", "imagefolder", "--data-dir", str(data), "--model", "tiny_cnn",

@@ -21,17 +21,13 @@ import kd.data.decode as decode
 from kd.data.datasets import dataset_class_names, load_dataset
 from kd.errors import KDError
 from kd.data.loader import DeviceBatches
-from tests.test_datasets import assert_one_line_kderror, make_tree
+from tests.helpers import assert_one_line_kderror, make_tree
 
 STREAM = {"max_in_memory_bytes": 1}  # load_dataset keywords that force the streaming path
 
 
-def short_error(excinfo: pytest.ExceptionInfo, *needles: str) -> str:
-    """A one-line KDError under 300 characters, without traceback text, holding `needles`."""
-    message = assert_one_line_kderror(excinfo, *needles)
-    assert len(message) < 300, message
-    assert "Traceback" not in message and "File \"" not in message and "DataLoader worker" not in message
-    return message
+# A short error from the data path: under 300 characters and without traceback text.
+SHORT_KDERROR = {"shorter_than": 300, "absent": ("Traceback", 'File "', "DataLoader worker")}
 
 
 def garbage_jpg(path: Path) -> Path:
@@ -73,7 +69,7 @@ def test_corrupt_jpg_is_one_short_line_naming_the_file(tmp_path, workers, keywor
     with pytest.raises(KDError) as excinfo:
         data = load_dataset("imagefolder", tmp_path / "data", **keywords)
         all_batches(data, "test", num_workers=2)  # streaming: a truncated file is only found when read
-    short_error(excinfo, "cannot read image", str(bad))
+    assert_one_line_kderror(excinfo, "cannot read image", str(bad), **SHORT_KDERROR)
 
 
 def test_streaming_checks_every_header_before_training(tmp_path):
@@ -81,7 +77,7 @@ def test_streaming_checks_every_header_before_training(tmp_path):
     bad = garbage_jpg(tmp_path / "train" / "cat" / "001-garbage.jpg")
     with pytest.raises(KDError) as excinfo:
         load_dataset("imagefolder", tmp_path, **STREAM)
-    short_error(excinfo, str(bad), "not an image file")
+    assert_one_line_kderror(excinfo, str(bad), "not an image file", **SHORT_KDERROR)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -93,7 +89,7 @@ def test_streaming_worker_error_is_reraised_as_one_short_line(tmp_path, num_work
     assert not data.in_memory and len(data.train) == 10
     with pytest.raises(KDError) as excinfo:
         all_batches(data, "train", num_workers)
-    short_error(excinfo, str(bad), "truncated")
+    assert_one_line_kderror(excinfo, str(bad), "truncated", **SHORT_KDERROR)
     assert multiprocessing.active_children() == []  # the workers are stopped, not left to a garbage collection
 
 
@@ -104,7 +100,7 @@ def test_unreadable_image_file_is_named(tmp_path, monkeypatch):
         monkeypatch.setattr(module, name, _denying(getattr(module, name), target))
     with pytest.raises(KDError) as excinfo:
         load_dataset("imagefolder", tmp_path)
-    message = short_error(excinfo, target, "Permission denied")
+    message = assert_one_line_kderror(excinfo, target, "Permission denied", **SHORT_KDERROR)
     assert message == f"cannot read image {target}: Permission denied"
 
 
@@ -144,7 +140,7 @@ def test_without_skip_the_same_tree_fails(tmp_path):
     truncated_jpg(tmp_path / "train" / "cat" / "000.5.jpg")
     with pytest.raises(KDError) as excinfo:
         load_dataset("imagefolder", tmp_path)
-    short_error(excinfo, "000.5.jpg")
+    assert_one_line_kderror(excinfo, "000.5.jpg", **SHORT_KDERROR)
 
 
 def test_skip_bad_images_streaming(tmp_path, capfd):
@@ -169,7 +165,7 @@ def test_skip_bad_images_with_no_readable_image_left(tmp_path):
             truncated_jpg(image)
     with pytest.raises(KDError) as excinfo:
         load_dataset("imagefolder", tmp_path, skip_bad_images=True)
-    short_error(excinfo, "no readable image", str(tmp_path / "test"))
+    assert_one_line_kderror(excinfo, "no readable image", str(tmp_path / "test"), **SHORT_KDERROR)
 
 
 # ----------------------------------------------------------------------------- folders
@@ -181,7 +177,7 @@ def test_unreadable_class_folder_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", _denying(os.scandir, locked))  # as if chmod 0 (root reads anyway)
     with pytest.raises(KDError) as excinfo:
         load_dataset("imagefolder", tmp_path)
-    message = short_error(excinfo, "cannot read class folder", locked, "Permission denied")
+    message = assert_one_line_kderror(excinfo, "cannot read class folder", locked, "Permission denied", **SHORT_KDERROR)
     assert "no images" not in message
 
 
@@ -200,7 +196,7 @@ def test_unreadable_class_folder_for_real(tmp_path):
             load_dataset("imagefolder", tmp_path)
     finally:
         locked.chmod(0o755)
-    short_error(excinfo, "cannot read class folder", str(locked))
+    assert_one_line_kderror(excinfo, "cannot read class folder", str(locked), **SHORT_KDERROR)
 
 
 def test_unreadable_split_folder_is_named(tmp_path, monkeypatch):
@@ -210,7 +206,7 @@ def test_unreadable_split_folder_is_named(tmp_path, monkeypatch):
     for call in (lambda: load_dataset("imagefolder", tmp_path), lambda: dataset_class_names("imagefolder", tmp_path)):
         with pytest.raises(KDError) as excinfo:
             call()
-        short_error(excinfo, "cannot read folder", locked, "Permission denied")
+        assert_one_line_kderror(excinfo, "cannot read folder", locked, "Permission denied", **SHORT_KDERROR)
 
 
 def test_hidden_class_folders_and_files_are_skipped(tmp_path):

@@ -16,21 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from kd.training.rundir import list_checkpoints
-from tests.conftest import make_image_folder
-from tests.test_cli import FAST, KD, kd_in_process, read_run
-from tests.test_resume import ENV, assert_bitwise_equal, tensors
+from tests.helpers import (
+    ENV, FAST, KD, SHORT_ERROR, assert_bitwise_equal, assert_one_line_error, kd_in_process, make_image_folder, read_run,
+    start_and_kill_after_first_checkpoint, tensors,
+)
 
 DIVERGE = ["--lr", "1e6", "--epochs", "1", "--max-steps", "20", "--batch-size", "16"]
-
-
-def assert_short_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert result.returncode != 0, result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("\r", "teacher", "student"))]
-    assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("kd: ") and len(lines[0]) < 300, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def strict_json(path: Path) -> dict:
@@ -64,7 +55,7 @@ def copy_of(run: Path, where: Path) -> Path:
 def test_divergence_stops_the_run_and_writes_no_artifact(tmp_path, finished_run, args):
     args = [str(finished_run / "cmatrix.safetensors") if a == "PROXY" else a for a in args]
     out = tmp_path / "diverged"
-    line = assert_short_error(kd_in_process(*args, "--out", str(out), *DIVERGE), "diverged", "--lr")
+    line = assert_one_line_error(kd_in_process(*args, "--out", str(out), *DIVERGE), "diverged", "--lr", **SHORT_ERROR)
     assert "step" in line
     assert not any((out / name).exists() for name in ("model.safetensors", "metrics.json", "cmatrix.safetensors"))
     strict_json(out / "config.json")
@@ -78,7 +69,7 @@ def test_divergence_stops_the_run_and_writes_no_artifact(tmp_path, finished_run,
 def test_divergence_keeps_only_finite_checkpoints(tmp_path):
     out = tmp_path / "diverged"
     result = kd_in_process("train-teacher", "--out", str(out), "--checkpoint-every-steps", "1", *DIVERGE)
-    assert_short_error(result, "diverged")
+    assert_one_line_error(result, "diverged", **SHORT_ERROR)
     for checkpoint in list_checkpoints(out):
         for name, tensor in load_file(str(checkpoint / "model.safetensors")).items():
             assert torch.isfinite(tensor).all(), (checkpoint.name, name)
@@ -98,7 +89,7 @@ def test_failed_overwrite_leaves_the_old_run_intact(tmp_path, finished_run):
         (["train-teacher", "--model", "vit_tiny_patch16_224"], "--image-size"),  # patch larger than the 8 px image
     ]
     for args, fragment in cases:
-        assert_short_error(kd_in_process(*args, "--out", str(run), "--overwrite", *FAST[:2]), fragment)
+        assert_one_line_error(kd_in_process(*args, "--out", str(run), "--overwrite", *FAST[:2]), fragment, **SHORT_ERROR)
         assert snapshot(run) == before, args
 
 
@@ -119,8 +110,6 @@ def test_overwrite_with_a_student_of_the_run_itself_replaces_it_at_the_end(tmp_p
 
 
 def test_killed_overwrite_run_leaves_the_old_run_and_resumes(tmp_path, finished_run):
-    from tests.test_resume import start_and_kill_after_first_checkpoint
-
     run = copy_of(finished_run, tmp_path)
     before = snapshot(run)
     args = ["train-teacher", "--epochs", "5", "--batch-size", "32", "--checkpoint-every-steps", "10", "--out", str(run)]
@@ -146,7 +135,7 @@ def test_overwrite_in_a_read_only_folder_is_one_line(tmp_path, finished_run):
         drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
         for args in (["train-teacher", "--out", str(run), "--overwrite"], ["train-teacher", "--out", str(shared / "new")]):
             result = subprocess.run([*drop, KD, *args, *FAST], capture_output=True, text=True, timeout=300)
-            assert_short_error(result, "cannot write")
+            assert_one_line_error(result, "cannot write", **SHORT_ERROR)
         assert snapshot(run) == before
     finally:
         for path in (shared, *shared.rglob("*")):
@@ -175,7 +164,7 @@ def test_stop_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, signum
     out = tmp_path / "stopped"
     result = stop_with(signum, args, out)
     assert result.returncode == 128 + signum, result.stderr[-2000:]
-    assert_short_error(result, signal.Signals(signum).name, "--resume")
+    assert_one_line_error(result, signal.Signals(signum).name, "--resume", **SHORT_ERROR)
     assert len(list_checkpoints(out)) == 1 and not (out / "model.safetensors").exists()
     if signum != signal.SIGTERM:
         return
@@ -204,8 +193,8 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
 
 
 def test_unwritable_report_paths_are_one_line(tmp_path, finished_run):
-    assert_short_error(kd_in_process("compare", str(finished_run), "--markdown", str(tmp_path / "missing" / "t.md")), "missing")
-    assert_short_error(kd_in_process("compare", str(finished_run), "--csv", str(tmp_path / "missing" / "t.csv")), "missing")
+    assert_one_line_error(kd_in_process("compare", str(finished_run), "--markdown", str(tmp_path / "missing" / "t.md")), "missing", **SHORT_ERROR)
+    assert_one_line_error(kd_in_process("compare", str(finished_run), "--csv", str(tmp_path / "missing" / "t.csv")), "missing", **SHORT_ERROR)
 
 
 def test_corrupt_image_in_a_streamed_imagefolder_is_one_line_before_training(tmp_path):
@@ -214,7 +203,7 @@ def test_corrupt_image_in_a_streamed_imagefolder_is_one_line_before_training(tmp
     out = tmp_path / "run"
     args = ["train-teacher", "--dataset", "imagefolder", "--data-dir", str(data), "--model", "tiny_cnn", "--max-steps", "2",
             "--batch-size", "4", "--out", str(out)]
-    assert_short_error(kd_in_process(*args), "3.png")
+    assert_one_line_error(kd_in_process(*args), "3.png", **SHORT_ERROR)
     assert not out.exists()
 
 
@@ -224,7 +213,7 @@ def test_resume_notices_other_data_behind_the_same_folder_name(tmp_path):
     out = tmp_path / "run"
     args = ["train-teacher", "--dataset", "imagefolder", "--checkpoint-every", "1", "--out", str(out), *FAST]
     assert kd_in_process(*args, "--data-dir", str(first)).returncode == 0
-    assert_short_error(kd_in_process(*args, "--data-dir", str(second), "--resume"), "--resume: --data-dir")
+    assert_one_line_error(kd_in_process(*args, "--data-dir", str(second), "--resume"), "--resume: --data-dir", **SHORT_ERROR)
     config, _ = read_run(out)
     assert config["data_dir"] == str(first.resolve())
 
@@ -255,7 +244,7 @@ def test_cmatrix_validate_warns_about_peaked_rows(tmp_path):
 
 def test_model_that_cannot_take_the_image_size_fails_before_out_is_made(tmp_path):
     out = tmp_path / "run"
-    assert_short_error(kd_in_process("train-teacher", "--model", "vit_tiny_patch16_224", "--out", str(out), *FAST), "--image-size")
+    assert_one_line_error(kd_in_process("train-teacher", "--model", "vit_tiny_patch16_224", "--out", str(out), *FAST), "--image-size", **SHORT_ERROR)
     assert not out.exists()
 
 

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 ONE_RUN = {"test_top1": 0.5, "test_nll": 1.0, "test_ece": 0.1, "test_mean_confidence": 0.6, "train_seconds": 10.0}  # what a table keeps of a run
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -12,8 +11,7 @@ from PIL import Image
 
 from kd.cmatrix.artifact import CMatrix, save_cmatrix
 from kd.io import current_umask
-from tests.test_bad_input import assert_short_error
-from tests.test_cli import kd_in_process
+from tests.helpers import SHORT_ERROR, assert_one_line_error, kd_in_process, sha256
 
 NAMES = ("ant", "bee", "cat", "dog", "eel")
 
@@ -32,11 +30,6 @@ def write(path, names=NAMES, probs=None, **kw) -> str:
                             source=kw.pop("source", "lspp"), dataset="zoo", teacher_model="small_cnn", **kw)
     save_cmatrix(path, cm)
     return str(path)
-
-
-def sha256(path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
 
 
 def test_card_on_stdout_holds_classes_alpha_source_neighbours_pairs_and_checksum(tmp_path):
@@ -69,7 +62,7 @@ def test_card_file_and_heatmap_png(tmp_path):
     assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # not blank
     for written in (card_path, image):
         assert os.stat(written).st_mode & 0o777 == 0o666 & ~current_umask()
-    assert_short_error(kd_in_process("cmatrix", "card", file, "--out", str(card_path)), "--overwrite")
+    assert_one_line_error(kd_in_process("cmatrix", "card", file, "--out", str(card_path)), "--overwrite", **SHORT_ERROR)
     assert kd_in_process("cmatrix", "card", file, "--out", str(card_path), "--overwrite").returncode == 0
     assert "Heatmap" not in card_path.read_text()
 
@@ -114,5 +107,5 @@ def test_many_classes_are_abbreviated_and_odd_names_cannot_break_the_markdown(tm
 def test_card_bad_input_is_one_line(tmp_path, args, fragment):
     file = write(tmp_path / "zoo.safetensors")
     args = [str(tmp_path / a) if a.endswith((".jpg", ".png", ".md")) else a for a in args]
-    assert_short_error(kd_in_process("cmatrix", "card", file, *args), fragment)
-    assert_short_error(kd_in_process("cmatrix", "card", str(tmp_path / "absent.safetensors")), "file not found")
+    assert_one_line_error(kd_in_process("cmatrix", "card", file, *args), fragment, **SHORT_ERROR)
+    assert_one_line_error(kd_in_process("cmatrix", "card", str(tmp_path / "absent.safetensors")), "file not found", **SHORT_ERROR)

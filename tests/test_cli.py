@@ -2,50 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from lspp_kd.cli.main import run_in_process
 from kd.cmatrix.artifact import load_cmatrix
-from tests.conftest import make_image_folder
+from tests.helpers import FAST, assert_one_line_error, kd, kd_in_process, make_image_folder, read_run
 
-KD = str(Path(sys.executable).with_name("kd"))
-FAST = ["--epochs", "1", "--max-steps", "3", "--batch-size", "16"]
 REQUIRED_METRICS = {
     "test_top1", "test_nll", "test_ece", "test_mean_confidence", "epochs", "train_seconds",
     "images_per_second", "num_classes", "class_names", "world_size",
 }
-
-
-def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([KD, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def kd_in_process(*args: str) -> subprocess.CompletedProcess:
-    """`kd ARGS` through the console script's own entry point (`lspp_kd.cli.main:main`), in this process.
-
-    For error paths and short runs: a subprocess would pay 3-5 s of start-up (torch, timm,
-    accelerate) per case. An unexpected exception propagates and fails the test, just as a
-    traceback would.
-    """
-    return run_in_process(args)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0, result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("kd: error:") and "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def read_run(run_dir: Path) -> tuple[dict, dict]:
-    return json.loads((run_dir / "config.json").read_text()), json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_help_explains_every_train_teacher_flag():

@@ -28,8 +28,8 @@ from kd.cmatrix.artifact import (
     save_cmatrix,
     validate,
 )
-from kd.errors import KDError
 from kd.losses import cmatrix_from_logits, insert_diagonal
+from tests.helpers import PickleTrap, assert_one_line_kderror
 
 NAMES = ("cat", "dog", "deer", "frog")
 
@@ -46,17 +46,6 @@ def make_cm(k: int = 4, seed: int = 0, **kw) -> CMatrix:
 
 def raw_parts(cm: CMatrix) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return {"cmatrix": cm.probs.clone(), "logits": cm.logits.clone()}, cm.metadata()
-
-
-def assert_error(exc: pytest.ExceptionInfo, path: Path | None, *needles: str) -> str:
-    msg = str(exc.value)
-    assert isinstance(exc.value, KDError)
-    assert "\n" not in msg and "\r" not in msg, msg
-    if path is not None:
-        assert msg.startswith(f"{path}: "), msg
-    for needle in needles:
-        assert needle in msg, f"{needle!r} not in {msg!r}"
-    return msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +277,7 @@ def test_invalid_file_is_rejected(tmp_path: Path, mutate: Callable, needles: lis
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(CMatrixError) as exc:
         load_cmatrix(path)
-    assert_error(exc, path, *needles)
+    assert_one_line_kderror(exc, *needles, prefix=f"{path}: ")
 
 
 @pytest.mark.parametrize("key", REQUIRED_KEYS)
@@ -299,7 +288,7 @@ def test_missing_required_key_is_rejected(tmp_path: Path, key: str) -> None:
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(CMatrixError) as exc:
         load_cmatrix(path)
-    assert_error(exc, path, f"missing metadata key '{key}'")
+    assert_one_line_kderror(exc, f"missing metadata key '{key}'", prefix=f"{path}: ")
 
 
 def test_file_without_metadata_is_rejected(tmp_path: Path) -> None:
@@ -308,17 +297,17 @@ def test_file_without_metadata_is_rejected(tmp_path: Path) -> None:
     save_file(tensors, str(path))
     with pytest.raises(CMatrixError) as exc:
         load_cmatrix(path)
-    assert_error(exc, path, "no metadata")
+    assert_one_line_kderror(exc, "no metadata", prefix=f"{path}: ")
 
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(CMatrixError) as exc:
         load_cmatrix(missing)
-    assert_error(exc, missing, "file not found")
+    assert_one_line_kderror(exc, "file not found", prefix=f"{missing}: ")
     with pytest.raises(CMatrixError) as exc:
         load_cmatrix(tmp_path)
-    assert_error(exc, tmp_path, "is a directory")
+    assert_one_line_kderror(exc, "is a directory", prefix=f"{tmp_path}: ")
 
 
 def _garbage_files(tmp_path: Path) -> list[Path]:
@@ -349,27 +338,17 @@ def test_corrupt_files_are_rejected(tmp_path: Path) -> None:
     for path in files:
         with pytest.raises(CMatrixError) as exc:
             load_cmatrix(path)
-        assert_error(exc, path, "not a valid safetensors file (truncated or corrupt?)")
-
-
-class _Boobytrap:
-    """Unpickling this creates `marker` (by calling `open(marker, "w")`)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
+        assert_one_line_kderror(exc, "not a valid safetensors file (truncated or corrupt?)", prefix=f"{path}: ")
 
 
 def test_pickle_files_are_rejected_and_never_unpickled(tmp_path: Path) -> None:
     # The trap works: unpickling really would create its marker.
     control = tmp_path / "control-marker"
-    pickle.loads(pickle.dumps(_Boobytrap(control)))
+    pickle.loads(pickle.dumps(PickleTrap(control)))
     assert control.exists()
 
     marker = tmp_path / "marker"
-    payload = {"cmatrix": _Boobytrap(marker), "logits": torch.zeros(4, 3)}
+    payload = {"cmatrix": PickleTrap(marker), "logits": torch.zeros(4, 3)}
     plain = tmp_path / "plain-pickle.safetensors"
     plain.write_bytes(pickle.dumps(payload))
     zipped = tmp_path / "torch-save.safetensors"
@@ -378,7 +357,7 @@ def test_pickle_files_are_rejected_and_never_unpickled(tmp_path: Path) -> None:
     for path in (plain, zipped):
         with pytest.raises(CMatrixError) as exc:
             load_cmatrix(path)
-        assert_error(exc, path, "not a valid safetensors file")
+        assert_one_line_kderror(exc, "not a valid safetensors file", prefix=f"{path}: ")
     assert not marker.exists()
 
 
@@ -406,7 +385,7 @@ def test_validate_in_memory(changes: dict, needle: str) -> None:
     cm = replace(make_cm(), **changes)
     with pytest.raises(CMatrixError) as exc:
         validate(cm)
-    msg = assert_error(exc, None, needle)
+    msg = assert_one_line_kderror(exc, needle)
     assert msg.startswith("C-matrix: ")
 
 
@@ -431,7 +410,7 @@ def test_failed_save_leaves_existing_file_and_no_temp_files(tmp_path: Path) -> N
     invalid = CMatrix(probs=bad_probs, logits=make_cm(seed=1).logits, class_names=NAMES, alpha=0.1, source="lspp")
     with pytest.raises(CMatrixError) as exc:
         save_cmatrix(path, invalid)
-    assert_error(exc, path, "non-finite")
+    assert_one_line_kderror(exc, "non-finite", prefix=f"{path}: ")
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["cmatrix.safetensors"]
 
@@ -450,7 +429,7 @@ def test_save_failing_mid_write_leaves_existing_file(tmp_path: Path, monkeypatch
     monkeypatch.setattr(kd.io, "save_file", broken_save_file)
     with pytest.raises(CMatrixError) as exc:
         save_cmatrix(path, make_cm(seed=1))
-    assert_error(exc, path, "cannot write", "No space left")
+    assert_one_line_kderror(exc, "cannot write", "No space left", prefix=f"{path}: ")
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["cmatrix.safetensors"]
 
@@ -468,7 +447,7 @@ def test_save_into_missing_directory(tmp_path: Path) -> None:
     path = tmp_path / "no" / "such" / "dir" / "c.safetensors"
     with pytest.raises(CMatrixError) as exc:
         save_cmatrix(path, make_cm())
-    assert_error(exc, path, "cannot write")
+    assert_one_line_kderror(exc, "cannot write", prefix=f"{path}: ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +459,7 @@ def test_check_class_names_count_mismatch(tmp_path: Path) -> None:
     save_cmatrix(path, make_cm())
     with pytest.raises(CMatrixError) as exc:
         load_cmatrix(path, expected_class_names=["cat", "dog", "deer"])
-    assert_error(exc, path, "has 4 classes", "dataset has 3")
+    assert_one_line_kderror(exc, "has 4 classes", "dataset has 3", prefix=f"{path}: ")
 
 
 def test_check_class_names_order_mismatch(tmp_path: Path) -> None:
@@ -488,21 +467,21 @@ def test_check_class_names_order_mismatch(tmp_path: Path) -> None:
     save_cmatrix(path, make_cm())
     with pytest.raises(CMatrixError) as exc:
         load_cmatrix(path, expected_class_names=["dog", "cat", "deer", "frog"])
-    assert_error(exc, path, "different order", "--remap-by-name")
+    assert_one_line_kderror(exc, "different order", "--remap-by-name", prefix=f"{path}: ")
 
 
 def test_check_class_names_different_names() -> None:
     cm = make_cm()
     with pytest.raises(CMatrixError) as exc:
         check_class_names(cm, ["cat", "dog", "horse", "ship"], "somewhere")
-    msg = assert_error(exc, None, "only in the C-matrix: 'deer', 'frog'", "only in the dataset: 'horse', 'ship'")
+    msg = assert_one_line_kderror(exc, "only in the C-matrix: 'deer', 'frog'", "only in the dataset: 'horse', 'ship'")
     assert msg.startswith("somewhere: ")
 
     big = make_cm(k=8)
     others = [f"other{i}" for i in range(8)]
     with pytest.raises(CMatrixError) as exc:
         check_class_names(big, others, "x")
-    msg = assert_error(exc, None, "'class4'", "'other4'", "(+3 more)")
+    msg = assert_one_line_kderror(exc, "'class4'", "'other4'", "(+3 more)")
     assert "'class5'" not in msg and "'other5'" not in msg
 
 
@@ -541,10 +520,10 @@ def test_remap_by_name_requires_the_same_names() -> None:
     cm = make_cm()
     with pytest.raises(CMatrixError) as exc:
         remap_by_name(cm, ["cat", "dog", "deer", "horse"])
-    assert_error(exc, None, "horse")
+    assert_one_line_kderror(exc, "horse")
     with pytest.raises(CMatrixError) as exc:
         remap_by_name(cm, ["cat", "dog", "deer"])
-    assert_error(exc, None, "4 classes")
+    assert_one_line_kderror(exc, "4 classes")
 
 
 # ---------------------------------------------------------------------------------------------

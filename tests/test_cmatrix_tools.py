@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,30 +16,12 @@ from lspp_kd.cli.cmatrix_display import top_neighbours
 from kd.cmatrix.artifact import CMatrix, load_cmatrix, save_cmatrix, validate
 from kd.cmatrix.diff import diff, js_divergence_bits, spearman
 from kd.cmatrix.ops import parse_sources, subset
-from tests.conftest import make_image_folder
+from tests.helpers import (
+    DIGITS, ENV, KD, PickleTrap, assert_one_line_error, hand_made_run, kd, kd_in_process, make_image_folder, sha256,
+)
 
-KD = str(Path(sys.executable).with_name("kd"))
 TRAIN = ["--epochs", "1", "--max-steps", "30", "--batch-size", "32"]
-DIGITS = [str(d) for d in range(10)]
 FOLDER_CLASSES = ("ant", "bee", "cat", "dog")
-
-
-def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([KD, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("kd: error:") and "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +37,10 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
         "seed2": ["--seed", "2"],
         "folder": ["--dataset", "imagefolder", "--data-dir", str(folder)],
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = {
         name: subprocess.Popen(
             [KD, "train-teacher", "--out", str(root / name), *TRAIN, *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
         )
         for name, flags in runs.items()
     }
@@ -149,7 +127,7 @@ def test_validate_reports_every_bad_file_and_still_reports_good_ones(teachers, t
     files = [teachers["seed1"], *(path for path, _ in cases.values()), teachers["seed2"]]
     result = kd("cmatrix", "validate", *files)
     assert result.returncode == 1
-    assert_one_line_error(result, f"{len(cases)} of {len(files)} file(s) failed validation")
+    assert_one_line_error(result, f"{len(cases)} of {len(files)} file(s) failed validation", returncode=1)
     lines = result.stdout.splitlines()
     assert len(lines) == len(files), result.stdout
     assert lines[0].startswith(f"OK   {teachers['seed1']}: K=10")
@@ -159,32 +137,22 @@ def test_validate_reports_every_bad_file_and_still_reports_good_ones(teachers, t
         assert fragment in line, (name, line)
 
 
-class _Trap:
-    """Unpickling this runs code that creates `marker` (what a malicious file would do)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
 def test_pickle_files_are_never_executed(teachers, tmp_path):
     control = tmp_path / "control"
-    pickle.loads(pickle.dumps(_Trap(control)))
+    pickle.loads(pickle.dumps(PickleTrap(control)))
     assert control.exists()  # the trap works when unpickled
 
     marker = tmp_path / "marker"
     plain = tmp_path / "plain.safetensors"
-    plain.write_bytes(pickle.dumps({"cmatrix": _Trap(marker)}))
+    plain.write_bytes(pickle.dumps({"cmatrix": PickleTrap(marker)}))
     zipped = tmp_path / "torch.safetensors"
-    torch.save({"cmatrix": _Trap(marker)}, zipped)
+    torch.save({"cmatrix": PickleTrap(marker)}, zipped)
     assert not marker.exists()
     result = kd("cmatrix", "validate", plain, zipped)
     assert result.returncode == 1
     for line, path in zip(result.stdout.splitlines(), (plain, zipped)):
         assert line.startswith(f"FAIL {path}: ") and "not a valid safetensors file" in line
-    assert_one_line_error(kd("cmatrix", "show", zipped), "not a valid safetensors file")
+    assert_one_line_error(kd("cmatrix", "show", zipped), "not a valid safetensors file", returncode=1)
     assert not marker.exists()
 
 
@@ -233,7 +201,7 @@ def test_diff_of_two_teachers_is_finite_and_in_range(teachers):
 
 
 def test_diff_needs_three_shared_classes(teachers):
-    assert_one_line_error(kd("cmatrix", "diff", teachers["seed1"], teachers["folder"]), "share 0 class name(s)")
+    assert_one_line_error(kd("cmatrix", "diff", teachers["seed1"], teachers["folder"]), "share 0 class name(s)", returncode=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +229,7 @@ def test_subset_keeps_proportions_and_records_provenance(teachers, tmp_path):
 
     assert_one_line_error(
         kd("cmatrix", "subset", teachers["seed1"], "--classes", "3,x", "--out", tmp_path / "x.safetensors"),
-        "no class 'x'",
+        "no class 'x'", returncode=1
     )
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -295,7 +263,7 @@ def test_merge_refuses_different_class_sets(teachers, tmp_path):
     sub = tmp_path / "sub.safetensors"
     save_cmatrix(sub, subset(load_cmatrix(teachers["seed1"]), ["0", "1", "2"]))
     assert_one_line_error(kd("cmatrix", "merge", teachers["seed1"], sub, "--out", out),
-                          "different class names", "only in")
+                          "different class names", "only in", returncode=1)
     assert not out.exists()
 
 
@@ -321,7 +289,7 @@ def test_outputs_are_never_overwritten_without_overwrite(teachers, tmp_path):
     out = tmp_path / "taken.safetensors"
     out.write_text("keep me")
     assert_one_line_error(
-        kd("cmatrix", "subset", teachers["seed1"], "--classes", "1,2,3", "--out", out), "already exists", "--overwrite"
+        kd("cmatrix", "subset", teachers["seed1"], "--classes", "1,2,3", "--out", out), "already exists", "--overwrite", returncode=1
     )
     assert out.read_text() == "keep me"
     result = kd("cmatrix", "merge", teachers["seed1"], teachers["seed2"], "--out", out, "--overwrite")
@@ -371,24 +339,6 @@ def test_dataset_class_names_without_decoding_images(tmp_path):
 # from-teacher: the run's own data
 
 
-def _hand_made_run(run: Path, **config) -> Path:
-    """A run directory with an untrained small_cnn on digits and a config.json: no training needed."""
-    from kd.models.networks import build_model
-    from kd.training.rundir import save_model
-
-    torch.manual_seed(0)
-    net = build_model("small_cnn", 10, 1, 8)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.mul_(2.0)  # predictions far from uniform, so the images averaged over matter
-    run.mkdir(parents=True)
-    save_model(run / "model.safetensors", net)
-    config = {"model": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8, "class_names": DIGITS,
-              "dataset": "digits", "seed": 3, **config}
-    (run / "config.json").write_text(json.dumps(config))
-    return run
-
-
 def test_run_data_repeats_the_runs_train_per_class_and_val_split():
     from kd.data.datasets import load_dataset
     from kd.data.splits import train_per_class, validation_split
@@ -417,9 +367,8 @@ def test_from_teacher_of_a_run_with_val_split_leaves_out_its_validation_images(t
     from kd.data.datasets import load_dataset
     from kd.data.splits import train_per_class, validation_split
     from kd.training.rundir import load_run_model
-    from tests.test_cli import kd_in_process
 
-    run = _hand_made_run(tmp_path / "run", train_per_class=40, val_split=0.5)
+    run = hand_made_run(tmp_path / "run", train_per_class=40, val_split=0.5)
     out = tmp_path / "posthoc.safetensors"
     result = kd_in_process("cmatrix", "from-teacher", str(run), "--out", str(out))
     assert result.returncode == 0, result.stderr

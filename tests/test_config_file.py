@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.test_cli import assert_one_line_error, kd_in_process, read_run
-from tests.test_resume import assert_bitwise_equal, tensors
+from tests.helpers import assert_bitwise_equal, assert_one_line_error, kd_in_process, read_run, tensors
 
 # Non-default values everywhere the re-made run could silently fall back to a default.
 FLAGS = ["--epochs", "2", "--lr", "0.03", "--alpha", "0.2", "--augment", "crop", "--crop-padding", "2",

@@ -12,7 +12,7 @@ from PIL import Image
 
 import kd.data.decode
 from kd.data.datasets import load_dataset
-from tests.conftest import make_image_folder
+from tests.helpers import make_image_folder
 
 
 @pytest.fixture

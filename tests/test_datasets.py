@@ -17,41 +17,12 @@ import kd.data.decode as decode
 import kd.data.imagefolder as imagefolder
 from kd.data.datasets import DATASET_NAMES, ImageDataset, InMemorySplit, load_dataset
 from kd.errors import KDError
-from tests.conftest import extract_cifar10_subset, make_image_folder
+from tests.helpers import assert_one_line_kderror, extract_cifar10_subset, make_image_folder, make_tree, write_image
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def write_image(path: Path, pixels: np.ndarray, mode: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, mode).save(path) if mode else Image.fromarray(pixels).save(path)
-
-
-def make_tree(root: Path, mode: str = "RGB", classes=("cat", "ant", "bee"), per_class: int = 3, size: int = 6,
-              test_name: str = "test") -> dict[str, int]:
-    """A tree whose every image of class k is filled with the value 30 + 60 * k (k in creation order)."""
-    values = {}
-    for k, name in enumerate(classes):
-        values[name] = 30 + 60 * k
-        for split in ("train", test_name):
-            for i in range(per_class):
-                shape = (size, size) if mode == "L" else (size, size, 3)
-                pixels = np.full(shape, values[name], dtype=np.uint8)
-                pixels[0, 0] = 255  # not constant, so std is not zero
-                write_image(root / split / name / f"{i:03d}.png", pixels, "L" if mode == "L" else "RGB")
-    return values
-
-
-def assert_one_line_kderror(excinfo: pytest.ExceptionInfo, *needles: str) -> str:
-    message = str(excinfo.value)
-    assert isinstance(excinfo.value, KDError)
-    assert "\n" not in message and message.strip() == message and message
-    for needle in needles:
-        assert needle in message, f"{needle!r} not in {message!r}"
-    return message
 
 
 @pytest.fixture

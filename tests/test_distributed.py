@@ -3,14 +3,10 @@ mixed precision, and the GPU benchmark's command run for a few steps."""
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,39 +18,19 @@ from kd.data.splits import validation_split
 from kd.training.loop import TrainModule, fit, make_accelerator
 from kd.data.loader import DeviceBatches
 from kd.methods import StepContext, build_method
-from kd.reports.metrics import classification_metrics
 from kd.models.networks import build_model
 from kd.training.rundir import load_run_model
 from kd.training.settings import Settings
-from tests.test_cli import KD, assert_one_line_error, kd, read_run
-
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import (
+    ENV, KD, ROOT, TORCHRUN, assert_one_line_error, evaluate_in_one_process, free_port, kd, read_run, read_summary,
+)
 
 
 def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = dict(ENV)
     env.pop("ACCELERATE_USE_CPU", None)  # the toolkit must pick the CPU backend by itself
     command = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """In-process Accelerators: start from and leave behind a clean Accelerate state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 # ----------------------------------------------------------------------------- two processes
@@ -120,16 +96,6 @@ def test_two_process_library_run_keeps_ranks_identical_and_shards_the_data(tmp_p
     torch.testing.assert_close(tensors[0]["soft_labels"], expected, rtol=1e-6, atol=1e-7)
 
 
-def evaluate_in_one_process(net: torch.nn.Module, data, split: str) -> dict[str, float]:
-    logits, labels = [], []
-    with torch.no_grad():
-        for images, batch_labels, valid in DeviceBatches(data, split, 100, torch.device("cpu")):
-            assert valid.all()
-            logits.append(net(images))
-            labels.append(batch_labels)
-    return classification_metrics(torch.cat(logits), torch.cat(labels)) | {"count": len(torch.cat(labels))}
-
-
 def test_two_process_cli_run_writes_one_run_directory_with_gathered_metrics(tmp_path):
     out = tmp_path / "ddp"
     result = torchrun("--no-python", KD, "train-teacher", "--out", str(out), "--epochs", "2", "--batch-size", "32",
@@ -160,8 +126,7 @@ def test_two_process_cli_run_writes_one_run_directory_with_gathered_metrics(tmp_
         assert whole["count"] == count
         assert metrics[f"{split}_top1"] == whole["top1"]
         assert metrics[f"{split}_nll"] == pytest.approx(whole["nll"], rel=1e-5)
-    with open(out / "summary.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_summary(out)
     assert [int(row["epoch"]) for row in rows] == [1, 2] and all(row["val_top1"] for row in rows)
     assert float(rows[-1]["val_top1"]) == pytest.approx(metrics["val_top1"], rel=1e-6)
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import functools
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import KD, ROOT
+
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-KD = str(Path(sys.executable).with_name("kd"))  # the installed console script, as a user runs it
 
 # `kd` followed by a command: `kd train-teacher`, `kd cmatrix show`, `kd --version`, ...
 COMMAND = re.compile(r"(?<![\w./-])kd((?:\s+(?:train-teacher|distill|methods|compare|plot|cmatrix(?:\s+[a-z][a-z-]*)?))?)(?![\w-])")

@@ -10,8 +10,7 @@ from kd.training.loop import TrainModule, fit, make_accelerator
 from kd.training.settings import Settings
 from kd.methods import build_method
 from kd.models.networks import build_model
-from tests.test_cli import kd_in_process
-from tests.test_distributed import fresh_accelerate_state  # noqa: F401 - a fixture
+from tests.helpers import kd_in_process
 
 
 def _train(channels_last: bool) -> TrainModule:

@@ -6,14 +6,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kd import load_cmatrix
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def accuracy(output: str, network: str) -> float:
@@ -25,8 +23,8 @@ def accuracy(output: str, network: str) -> float:
 @pytest.mark.slow
 def test_tabular_lspp_trains_a_teacher_exports_its_cmatrix_and_a_student_learns_from_it(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "examples" / "tabular_lspp.py"), "--out", str(tmp_path)],
-        check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [sys.executable, str(ROOT / "examples" / "tabular_lspp.py"), "--out", str(tmp_path)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
 
@@ -70,13 +68,13 @@ def markdown_section(text: str, heading: str | None) -> str:
 def test_the_readme_training_loop_code_runs_as_printed(tmp_path, document, heading):
     """The "Use LS++ in your own training loop" code blocks (docs/library.md, and the README's
     quick start), run in order as one script."""
-    section = markdown_section((PROJECT_ROOT / document).read_text(), heading)
+    section = markdown_section((ROOT / document).read_text(), heading)
     code = "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL))
     assert "LSPPLoss" in code and "ProxyTeacherLoss" in code
     (tmp_path / "snippet.py").write_text(code)
     result = subprocess.run(
         [sys.executable, "snippet.py"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr
     cmatrix = load_cmatrix(tmp_path / "cmatrix.safetensors")

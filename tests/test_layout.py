@@ -11,7 +11,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 # Folder -> the name its modules are imported by (setup.cfg's package_dir).
 PACKAGES = {"kd": "kd", "cli": "lspp_kd.cli", "teachers": "lspp_kd.teachers", "students": "lspp_kd.students"}
 

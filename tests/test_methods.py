@@ -28,9 +28,8 @@ from kd.methods import (
 )
 from kd.training.run import DERIVED_RESUME_KEYS
 from kd.training.settings import Settings, resume_keys
-from tests.test_cli import FAST, assert_one_line_error, kd_in_process, read_run
+from tests.helpers import FAST, ROOT, assert_one_line_error, kd_in_process, read_run, reference_cmatrix
 
-ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = StepContext(epoch=0, step=0, total_steps=10, steps_per_epoch=10)
 
 
@@ -114,8 +113,7 @@ def test_onehot_and_label_smoothing():
 def reference_lspp(net_logits: torch.Tensor, labels: torch.Tensor, c_logits: torch.Tensor, alpha: float):
     """t and log p in float64 autograd, C built by the paper's words (softmax rows, a 0 at the target)."""
     k = c_logits.shape[0]
-    rows = torch.softmax(c_logits, dim=1)
-    c = torch.stack([torch.cat([rows[y, :y], rows.new_zeros(1), rows[y, y:]]) for y in range(k)])
+    c = reference_cmatrix(c_logits)
     t = (1 - alpha) * torch.eye(k, dtype=c.dtype)[labels] + alpha * c[labels]
     return t, torch.log_softmax(net_logits, dim=1)
 

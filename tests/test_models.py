@@ -11,6 +11,7 @@ from torch import nn
 
 from kd.errors import KDError
 from kd.models.networks import BUILTIN_MODELS, FIXED_SIZE_MODELS, build_model, count_parameters
+from tests.helpers import assert_one_line_kderror
 
 K = 7  # an unusual class count, so a hard-coded 10 would show
 CIFAR_RESNETS = ["cifar_resnet18", "cifar_resnet34", "cifar_resnet50", "cifar_resnet101"]
@@ -150,8 +151,7 @@ def test_timm_models_are_not_pretrained(monkeypatch):
 def test_unknown_model_message():
     with pytest.raises(KDError) as info:
         build_model("no_such_model_xyz", K, 3, 32)
-    message = str(info.value)
-    assert "\n" not in message
+    message = assert_one_line_kderror(info)
     assert "'no_such_model_xyz'" in message and "unknown model" in message
     for name in BUILTIN_MODELS:
         assert name in message
@@ -253,6 +253,5 @@ def test_renamed_variants_keep_their_old_architecture():
 def test_paper_networks_refuse_other_sizes_in_one_line(name, size):
     with pytest.raises(KDError) as info:
         build_model(name, K, 1, size)
-    message = str(info.value)
-    assert "\n" not in message
+    message = assert_one_line_kderror(info)
     assert f"{size}x{size}" in message and "--image-size 32" in message and "--model" in message

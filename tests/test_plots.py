@@ -26,9 +26,7 @@ from kd.reports.plots import (
     plot_reliability,
     sparse_bins,
 )
-from tests.test_cli import assert_one_line_error, kd_in_process
-
-FAST = ["--epochs", "1", "--max-steps", "3", "--batch-size", "16"]
+from tests.helpers import assert_one_line_error, assert_one_line_kderror, hand_made_run, kd_in_process
 
 
 def assert_png(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -90,7 +88,7 @@ def test_png_permissions_follow_the_umask(tmp_path):
 def test_unwritable_destination_is_one_line_kderror(tmp_path):
     with pytest.raises(KDError) as info:
         plot_cmatrix(random_cmatrix(3), tmp_path / "missing" / "cm.png")
-    assert "\n" not in str(info.value) and "missing" in str(info.value)
+    assert_one_line_kderror(info, "missing")
 
 
 # ----------------------------------------------------------------------------- reliability diagram
@@ -233,9 +231,8 @@ def test_kd_plot_of_a_run_with_val_split_draws_its_whole_test_split(tmp_path, wi
     from kd.data.datasets import load_dataset
     from kd.data.loader import Normalize
     from kd.training.rundir import load_run_model
-    from tests.test_cmatrix_tools import _hand_made_run
 
-    run = _hand_made_run(tmp_path / "run", train_per_class=40, val_split=0.5)
+    run = hand_made_run(tmp_path / "run", train_per_class=40, val_split=0.5)
     net, _ = load_run_model(run)
     digits = load_dataset("digits")
     with torch.no_grad():

@@ -7,7 +7,6 @@ seen at 16 px so each run takes seconds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -19,12 +18,10 @@ from safetensors.torch import save_file
 from kd.cmatrix.artifact import load_cmatrix
 from kd.data.datasets import IMAGENET_MEAN, IMAGENET_STD, load_dataset
 from kd.models.pretrained import InputConfig, ModelSpec, TeacherInput, parse_teacher_model, teacher_input_config
-from tests.test_bad_input import assert_short_error
-from tests.test_cli import FAST, kd_in_process, read_run
+from tests.helpers import DIGITS, FAST, SHORT_ERROR, assert_one_line_error, kd_in_process, read_run, sha256
 
 MODEL = "test_resnet"
 SIZE = 16  # --teacher-image-size: the teacher's native 160 px would cost 100x the compute
-DIGITS = [str(d) for d in range(10)]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +90,7 @@ def test_distill_from_a_pretrained_teacher_records_it(tmp_path, weights):
     assert config["method"] == metrics["method"] == "kd" and config["mode"] == "kd" and config["teacher"] is None
     assert config["teacher_model"] == f"timm:{MODEL}"
     assert config["teacher_weights"] == str(weights["safetensors"].resolve())
-    assert config["teacher_weights_sha256"] == hashlib.sha256(weights["safetensors"].read_bytes()).hexdigest()
+    assert config["teacher_weights_sha256"] == sha256(weights["safetensors"])
     assert config["teacher_input"] == {"channels": 3, "size": [SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3}
     assert metrics["target_source"] == f"teacher timm:{MODEL} (per sample)"
     assert 0.0 < metrics["teacher_forward_share"] <= 1.0
@@ -126,7 +123,7 @@ def test_posthoc_cmatrix_from_a_pretrained_teacher_equals_one_computed_here(tmp_
     assert cm.source == "posthoc" and cm.class_names == tuple(DIGITS) and cm.alpha == pytest.approx(0.1)
     assert cm.teacher_model == f"timm:{MODEL}" and cm.teacher_top1 is None
     assert cm.extra["teacher_weights"] == "teacher.pt"  # the base name: a shared file does not say where it lay
-    assert cm.extra["teacher_weights_sha256"] == hashlib.sha256(weights["checkpoint"].read_bytes()).hexdigest()
+    assert cm.extra["teacher_weights_sha256"] == sha256(weights["checkpoint"])
     torch.testing.assert_close(cm.probs.double(), independent_posthoc(weights["net"]), rtol=1e-4, atol=1e-5)
 
 
@@ -174,5 +171,5 @@ def test_bad_pretrained_teacher_input_is_one_line(tmp_path, weights, case, comma
         flags = [teacher_dir if f == "TEACHER_DIR" else f for f in flags]
         args = ["cmatrix", "from-teacher", "--out", str(tmp_path / "c.safetensors")]
     result = kd_in_process(*args, "--teacher-model", model, "--teacher-image-size", str(SIZE), *flags)
-    assert_short_error(result, *fragments)
+    assert_one_line_error(result, *fragments, **SHORT_ERROR)
     assert not (tmp_path / "out").exists() and not (tmp_path / "c.safetensors").exists()

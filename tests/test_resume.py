@@ -4,15 +4,11 @@ uninterrupted run ends; checkpoints are complete or absent; bad resumes are one-
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from kd.data.datasets import load_dataset
@@ -21,12 +17,11 @@ from kd.methods import build_method
 from kd.models.networks import build_model
 from kd.training.rundir import latest_checkpoint, list_checkpoints
 from kd.training.settings import Settings
-from tests.test_cli import KD, assert_one_line_error, kd, kd_in_process, read_run
-from tests.test_distributed import TORCHRUN, free_port
-from tests.test_summary import read_summary
+from tests.helpers import (
+    ENV, KD, TORCHRUN, assert_bitwise_equal, assert_one_line_error, free_port, kd, kd_in_process, read_run,
+    read_summary, start_and_kill_after_first_checkpoint, tensors,
+)
 
-# Both runs use one thread: the same kernels in the same order give bitwise-equal results.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # small_cnn has BatchNorm and dropout, digits has random crops: every random stream is exercised.
 # Checkpoints every epoch (44 steps) and every 30 steps, so the kill usually lands after a
 # mid-epoch checkpoint and resuming has to skip part of an epoch.
@@ -35,63 +30,6 @@ RUN = ["--batch-size", "32", "--checkpoint-every", "1", "--checkpoint-every-step
 
 def run_kd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([KD, *args], capture_output=True, text=True, timeout=300, env=ENV)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (torchrun starts its workers in sessions of their own)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
-    while queue:
-        children = parents.get(queue.pop(), [])
-        found += children
-        queue += children
-    return found
-
-
-def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL a process and all its descendants at once, and wait until they are gone."""
-    victims = [process.pid, *descendants(process.pid)]
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=60)
-    while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text() for pid in victims[1:]):
-        time.sleep(0.01)
-
-
-def start_and_kill_after_first_checkpoint(args: list[str], out: Path, launcher: tuple[str, ...] = ()) -> bool:
-    """Start `kd ...` (under `launcher`, e.g. torchrun) and SIGKILL it, with every process it
-    started, as soon as its first checkpoint is complete; False if it finished first."""
-    process = subprocess.Popen([*launcher, KD, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            if latest_checkpoint(out) is not None:
-                kill_tree(process)
-                break
-            time.sleep(0.005)
-        return process.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            kill_tree(process)
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.parametrize("stage,method", [("train-teacher", "lspp"), ("train-teacher", "ols"), ("distill", "ls")])

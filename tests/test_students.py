@@ -14,11 +14,8 @@ from safetensors.torch import save_file
 
 from kd.cmatrix.artifact import CMatrix, load_cmatrix
 from kd.losses import ProxyTeacherLoss
-from kd.methods import StepContext, build_method
-from tests.conftest import make_image_folder
-from tests.test_cli import FAST, assert_one_line_error, kd, read_run, kd_in_process
-
-CONTEXT = StepContext(epoch=0, step=0, total_steps=1, steps_per_epoch=1)
+from kd.methods import build_method
+from tests.helpers import CONTEXT, FAST, assert_one_line_error, kd, kd_in_process, make_image_folder, read_run
 
 
 def random_cmatrix(k: int, seed: int) -> torch.Tensor:

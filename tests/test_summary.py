@@ -3,7 +3,6 @@ Accelerate trackers (--log-with tensorboard), each checked against an independen
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -13,13 +12,7 @@ import torch
 from kd.data.datasets import ImageDataset, InMemorySplit, load_dataset
 from kd.data.splits import validation_split
 from kd.training.rundir import load_run_model
-from tests.test_cli import assert_one_line_error, kd_in_process, read_run
-from tests.test_distributed import evaluate_in_one_process
-
-
-def read_summary(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "summary.csv", newline="") as f:
-        return list(csv.DictReader(f))
+from tests.helpers import assert_one_line_error, evaluate_in_one_process, kd_in_process, read_run, read_summary
 
 
 def tagged_dataset(per_class: tuple[int, ...]) -> ImageDataset:
