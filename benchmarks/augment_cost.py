@@ -2,14 +2,18 @@
 
     python benchmarks/augment_cost.py [--data-dir .data/cifar10-jpeg] [--model alexnet] [--steps 20] [--repeats 5]
 
-The CIFAR-10 copy is decoded once. Then, in every repeat (after an untimed warm-up round), in
-a rotating order:
+The CIFAR-10 copy is decoded once and its batches are moved to the device the pipeline runs on
+(as the training loop holds in-memory data there), so no host-to-device copy is timed. Then, in
+every repeat (after an untimed warm-up round of every op and every step variant), in a rotating
+order:
 
 * each augmentation alone, and the two goal pipelines, are timed on real batches of
   `--batch-size` uint8 images through the toolkit's own `kd.data.augment` pipeline (normalisation
-  included, `--batches` batches each);
-* whole training steps are timed through the training loop (`fit`, `--steps` steps) with no
-  augmentation, with crop,flip,cutout,mixup,cutmix, and with randaugment.
+  included, `--batches` batches each); on a GPU the device is synchronised before the clock
+  starts and before it stops, so queued kernels are counted, not just their launches;
+* whole training steps are timed through the training loop (`fit`, `--steps` steps, which times
+  its steps between device synchronisations) with no augmentation, with
+  crop,flip,cutout,mixup,cutmix, and with randaugment.
 
 Reported: per-op milliseconds per batch (min and median over repeats), each op's share of the
 median un-augmented step, and the measured step ratios (augmented / plain, per repeat, min and
@@ -32,6 +36,7 @@ from accelerate.utils import set_seed
 from kd.data.augment import AugmentOptions, build_pipeline
 from kd.data.datasets import load_dataset
 from kd.data.loader import Normalize
+from kd.device import synchronize
 from kd.methods import build_method
 from kd.models.networks import build_model
 from kd.training.loop import TrainModule, fit, make_accelerator
@@ -59,16 +64,21 @@ def main() -> None:
     data = load_dataset("imagefolder", str(ensure_cifar10(args.data_dir)))
     accelerator = make_accelerator()
     device = accelerator.device
-    images, labels = data.train.images[: args.batch_size * args.batches], data.train.labels[: args.batch_size * args.batches]
+    count = args.batch_size * args.batches
+    # On the pipeline's device, as the training loop holds in-memory data: no host-to-device copy is timed.
+    images, labels = data.train.images[:count].to(device), data.train.labels[:count].to(device)
     normalize = Normalize(data.mean, data.std, device)
     ops = {name: (name,) for name in SINGLE} | {",".join(CHEAP): CHEAP}
 
     def op_ms(names: tuple[str, ...]) -> float:
         pipe = build_pipeline(AugmentOptions(names), image_size=data.image_size, num_classes=data.num_classes,
-                              normalize=normalize, generator=torch.Generator(device=device).manual_seed(0))
+                              normalize=normalize, generator=torch.Generator(device=device).manual_seed(0),
+                              host_generator=torch.Generator().manual_seed(1))
+        synchronize(device)  # nothing queued before the clock starts ...
         started = time.perf_counter()
         for b in range(args.batches):
             pipe(images[b * args.batch_size:(b + 1) * args.batch_size], labels[b * args.batch_size:(b + 1) * args.batch_size])
+        synchronize(device)  # ... and everything launched has run when it stops
         return (time.perf_counter() - started) / args.batches * 1000
 
     def step_ms(names: tuple[str, ...]) -> float:
@@ -80,9 +90,10 @@ def main() -> None:
         return result.train_seconds / result.steps * 1000
 
     print(f"{data.describe()} | {args.model} | batch {args.batch_size} | {args.repeats} repeats", flush=True)
-    for names in ops.values():  # warm-up, not recorded
+    for names in ops.values():  # warm-up, not recorded: kernel set-up and first allocations of every op and step variant
         op_ms(names)
-    step_ms(())
+    for names in STEP_VARIANTS.values():
+        step_ms(names)
     op_times: dict[str, list[float]] = {key: [] for key in ops}
     step_times: dict[str, list[float]] = {key: [] for key in STEP_VARIANTS}
     for repeat in range(args.repeats):

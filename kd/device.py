@@ -29,3 +29,18 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `peak_memory`'s count afresh (the CUDA allocator's; the CPU's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def use_fast_kernels(device: torch.device) -> None:
+    """On a GPU: cuDNN picks the fastest convolution for the (fixed) input shapes, and float32
+    matrix products and convolutions use TF32 tensor cores (bf16/fp16 runs are unaffected)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

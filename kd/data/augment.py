@@ -199,7 +199,7 @@ def _randint(generator: torch.Generator, high: int, size: Sequence[int], device:
 
 def _numpy_rng(generator: torch.Generator) -> np.random.Generator:
     """A NumPy generator seeded by one number drawn from `generator` (for Beta samples and boxes)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())  # a host generator: no device sync
     return np.random.default_rng(seed)
 
 
@@ -296,7 +296,7 @@ class RandAugment:
     """
 
     def __init__(self, num_ops: int, magnitude: int, image_size: int, generator: torch.Generator) -> None:
-        self.num_ops, self.generator = num_ops, generator
+        self.num_ops, self.generator = num_ops, generator  # a host (CPU) generator: the draws decide host-side loops
         self.ops = [
             (name, 0.0 if levels is None else float(levels(image_size, image_size)[magnitude]), signed, apply)
             for name, levels, signed, apply in _randaugment_ops()
@@ -304,11 +304,11 @@ class RandAugment:
         self.signed = torch.tensor([signed for _, _, signed, _ in self.ops])
 
     def __call__(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        n = images.shape[0]
-        draws = _randint(self.generator, len(self.ops), (self.num_ops, n), images.device)
-        negative = _randint(self.generator, 2, (self.num_ops, n), images.device).bool()
-        negative &= self.signed.to(images.device)[draws]  # an unsigned op has one group, not two
-        keys = (draws * 2 + negative).cpu()  # one transfer: the (op, sign) of every image and round
+        n, host = images.shape[0], torch.device("cpu")
+        draws = _randint(self.generator, len(self.ops), (self.num_ops, n), host)
+        negative = _randint(self.generator, 2, (self.num_ops, n), host).bool()
+        negative &= self.signed[draws]  # an unsigned op has one group, not two
+        keys = draws * 2 + negative  # the (op, sign) of every image and round, on the host: no device sync
         images = images.clone()
         for round_keys in keys:
             for key in torch.unique(round_keys).tolist():
@@ -354,12 +354,12 @@ class MixBatch:
     def __init__(self, mixup_alpha: float | None, cutmix_alpha: float | None, switch_prob: float,
                  generator: torch.Generator) -> None:
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
-        self.switch_prob, self.generator = switch_prob, generator
+        self.switch_prob, self.generator = switch_prob, generator  # a host (CPU) generator: lam and the box are Python numbers
 
     def __call__(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         n, _, h, w = images.shape
         rng = _numpy_rng(self.generator)
-        perm = torch.randperm(n, generator=self.generator, device=self.generator.device).to(images.device)
+        perm = torch.randperm(n, generator=self.generator).to(images.device)
         cutmix = self.mixup_alpha is None or (self.cutmix_alpha is not None and rng.random() < self.switch_prob)
         if cutmix:
             lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
@@ -412,15 +412,23 @@ def build_pipeline(
     num_classes: int,
     normalize: Callable[[Tensor], Tensor],
     generator: torch.Generator,
+    host_generator: torch.Generator | None = None,
     streaming: bool = False,
 ) -> Pipeline:
     """The `Pipeline` for `options` (checked with `check_augment`), drawing from `generator`.
+
+    Draws that decide Python-side control flow (RandAugment's ops, Mixup/CutMix's lam and box)
+    come from `host_generator`, a CPU generator (`generator` itself when that is one), so that
+    a GPU pipeline never waits for a device-to-host copy.
 
     `streaming=True` leaves out ``crop``: streaming data is cropped in the DataLoader workers
     (`StreamingResizedCrop`).
     """
     check_augment(options, image_size)
     names = options.names
+    host = host_generator if host_generator is not None else generator
+    if host.device.type != "cpu":
+        raise ValueError("host_generator must be a CPU generator (pass one when `generator` is on a GPU)")
     ops: list[tuple[str, Transform]] = []
     for name in names:
         if name == "crop" and not streaming:
@@ -428,13 +436,13 @@ def build_pipeline(
         elif name == "flip":
             ops.append((name, HorizontalFlip(generator)))
         elif name == "randaugment":
-            ops.append((name, RandAugment(options.randaugment_n, options.randaugment_m, image_size, generator)))
+            ops.append((name, RandAugment(options.randaugment_n, options.randaugment_m, image_size, host)))
         elif name == "cutout":
             ops.append((name, Cutout(options.cutout_side(image_size), generator)))
         elif name in _MIXING and not any(kind in _MIXING for kind, _ in ops):  # one op for both, at the first
             mixup = options.mixup_alpha if "mixup" in names else None
             cutmix = options.cutmix_alpha if "cutmix" in names else None
-            ops.append((name, MixBatch(mixup, cutmix, options.mix_switch_prob, generator)))
+            ops.append((name, MixBatch(mixup, cutmix, options.mix_switch_prob, host)))
     return Pipeline(
         names,
         [op for name, op in ops if name in UINT8_AUGMENTATIONS],

@@ -18,11 +18,14 @@ import traceback
 from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd.data.augment import AugmentOptions, StreamingResizedCrop, build_pipeline
 from kd.data.datasets import ImageDataset, InMemorySplit
 from kd.errors import KDError
+
+# Offsets the host generator's seed from the device generator's (on a GPU, where they differ).
+_HOST_SEED = 0x5EED_0057
 
 
 def shard_indices(
@@ -78,15 +81,43 @@ class Normalize:
         return images.float() * self.scale - self.shift
 
 
-class _Subset(Dataset):
-    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
+class _EpochSamples(Dataset):
+    """A streamed split read by (sample index, epoch): the epoch picks the training crop's draws.
+
+    Keyed by epoch, one DataLoader (and, in training, its persistent workers) serves every epoch: the sampler
+    says which samples of which epoch to read, and each worker makes the epoch's crop when it
+    first sees that epoch.
+    """
+
+    def __init__(self, source: Dataset, crop_size: int | None, seed: int) -> None:
+        self.source, self.crop_size, self.seed = source, crop_size, seed
+        self._epoch: int | None = None
+        self._cropped: Dataset = source
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.source)
 
-    def __getitem__(self, i: int):
-        return self.dataset[self.indices[i]]
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        if self.crop_size is None:
+            return self.source[index]
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._cropped = self.source.with_transform(StreamingResizedCrop(self.crop_size, self.seed, epoch))
+        return self._cropped[index]
+
+
+class _EpochOrder(Sampler):
+    """The (sample index, epoch) keys of the batches to read next; set before each pass."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 class DeviceBatches:
@@ -130,12 +161,16 @@ class DeviceBatches:
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         self.normalize = Normalize(data.mean, data.std, device)
         self.generator = torch.Generator(device=device).manual_seed(seed * 7919 + rank)
+        # Host-side draws (see `build_pipeline`): the same generator on the CPU, its own on a GPU.
+        self.host_generator = (
+            self.generator if self.generator.device.type == "cpu" else torch.Generator().manual_seed(seed * 7919 + rank + _HOST_SEED)
+        )
         self.image_size = data.image_size
         self.augment_options = (augment or AugmentOptions(data.default_augment)) if self.train else None
         self.augment = (
             build_pipeline(
                 self.augment_options, image_size=data.image_size, num_classes=data.num_classes,
-                normalize=self.normalize, generator=self.generator,
+                normalize=self.normalize, generator=self.generator, host_generator=self.host_generator,
                 streaming=not isinstance(self.source, InMemorySplit),
             )
             if self.augment_options is not None
@@ -145,6 +180,11 @@ class DeviceBatches:
             self._images = self.source.images.to(device)
             self._labels = self.source.labels.to(device)
         self.num_samples = len(self.source.labels) if isinstance(self.source, InMemorySplit) else len(self.source)
+        self._order, self._loader = _EpochOrder(), None  # streamed data: one DataLoader for every pass
+
+    def close(self) -> None:
+        """Stop the DataLoader workers of streamed data (they are started again if iterated)."""
+        self._loader = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0, stop_batch: int | None = None) -> None:
         """Select the epoch (its shuffle) and which of its batches to yield: [start_batch, stop_batch).
@@ -178,22 +218,19 @@ class DeviceBatches:
                 chunk = indices[start : start + self.batch_size]
                 yield self._images[chunk], self._labels[chunk]
             return
-        source = self.source
-        if self.augment_options is not None and "crop" in self.augment_options.names:
-            # Here, not at the top: kd.data.streaming imports torchvision (seconds; in-memory data never needs it).
-            from kd.data.streaming import StreamingImageFolder
-
-            assert isinstance(source, StreamingImageFolder)
-            source = source.with_transform(StreamingResizedCrop(self.image_size, self.seed, self.epoch))
-        loader = DataLoader(
-            _Subset(source, indices.tolist()),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
-        batches = iter(loader)
+        if self._loader is None:
+            crops = self.augment_options is not None and "crop" in self.augment_options.names
+            self._loader = DataLoader(
+                _EpochSamples(self.source, self.image_size if crops else None, self.seed),
+                batch_size=self.batch_size,
+                sampler=self._order,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+                # Training: the workers start once and serve every epoch (`close` stops them).
+                persistent_workers=self.num_workers > 0 and self.train,
+            )
+        self._order.keys = [(index, self.epoch) for index in indices.tolist()]
+        batches = iter(self._loader)
         while True:
             try:
                 images, labels = next(batches)
@@ -204,7 +241,8 @@ class DeviceBatches:
                 traceback.clear_frames(error.__traceback__)  # they hold `batches` in a reference cycle
                 break
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        del batches  # stops its workers now, not whenever a garbage collection gets to them
+        del batches
+        self._loader = None  # stops its workers now, not whenever a garbage collection gets to them
         raise failure
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -88,18 +88,40 @@ def log_targets(labels: torch.Tensor, log_c: torch.Tensor, alpha: float) -> torc
         log_s = F.one_hot(labels.long(), num_classes).float().log()
     else:
         log_s = labels.float().log()
-        # log (s @ C)_k = logsumexp_j (log s_j + log C_jk), over the classes j present in the
-        # batch only (a class with s_j = 0 everywhere adds exp(-inf) = 0): N x P x K instead of
-        # N x K x K, which at K = 1000 would be half a gigabyte. A column where every term is
-        # -inf (s = onehot(k) meets C's zero diagonal) would give a NaN gradient, so the sum
-        # runs over finite stand-ins whose exp is exactly 0.
-        present = torch.nonzero((labels > 0).any(dim=0)).flatten()
-        log_mixed = torch.logsumexp(
-            log_s[:, present].clamp(min=_LOG_ZERO).unsqueeze(2) + log_c[present].clamp(min=_LOG_ZERO).unsqueeze(0), dim=1
-        )
+        log_mixed = _log_mixed(labels.float(), log_s, log_c)
     if alpha == 0.0:
         return log_s
     return torch.logaddexp(log_s + math.log1p(-alpha), log_mixed + math.log(alpha))
+
+
+def _log_mixed(soft: torch.Tensor, log_s: torch.Tensor, log_c: torch.Tensor) -> torch.Tensor:
+    """log (s @ C) for label distributions s (N, K), differentiable with respect to `log_c`.
+
+    On the CPU: logsumexp_j (log s_j + log C_jk) over the classes j present in the batch only (a
+    class with s_j = 0 everywhere adds exp(-inf) = 0), N x P x K instead of N x K x K, which at
+    K = 1000 would be half a gigabyte. A column where every term is -inf (s = onehot(k) meets C's
+    zero diagonal) would give a NaN gradient, so the sum runs over finite stand-ins whose exp is
+    exactly 0. On a GPU, finding the present classes (torch.nonzero) would be a device sync
+    every step: there it is `_log_mixed_by_product`, one N x K matrix product.
+    """
+    if soft.device.type != "cpu":
+        return _log_mixed_by_product(soft, log_c)
+    present = torch.nonzero((soft > 0).any(dim=0)).flatten()
+    return torch.logsumexp(
+        log_s[:, present].clamp(min=_LOG_ZERO).unsqueeze(2) + log_c[present].clamp(min=_LOG_ZERO).unsqueeze(0), dim=1
+    )
+
+
+def _log_mixed_by_product(soft: torch.Tensor, log_c: torch.Tensor) -> torch.Tensor:
+    """log (s @ C) as log of one float32 matrix product (s and C in [0, 1]: no overflow).
+
+    Where s @ C is exactly 0 (s = onehot(k) meets C's zero diagonal) the result is the finite
+    stand-in `_LOG_ZERO` and the gradient 0, not log 0 and a NaN gradient.
+    """
+    with torch.autocast(device_type=soft.device.type, enabled=False):
+        mixed = soft @ log_c.float().exp()
+    positive = mixed > 0
+    return torch.where(positive, torch.where(positive, mixed, torch.ones_like(mixed)).log(), torch.full_like(mixed, _LOG_ZERO))
 
 
 def log_targets_from_logits(labels: torch.Tensor, c_logits: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -162,11 +184,25 @@ def mix_targets(labels: torch.Tensor, cmatrix: torch.Tensor, alpha: float) -> to
     teacher's target, where C is a fixed matrix from a file.
     """
     num_classes = cmatrix.shape[0]
+    cmatrix = cmatrix.float()
     if labels.dim() == 1:
-        return (1.0 - alpha) * F.one_hot(labels.long(), num_classes).to(cmatrix.dtype) + alpha * cmatrix[labels.long()]
-    soft = labels.to(cmatrix.dtype)
-    present = torch.nonzero((soft > 0).any(dim=0)).flatten()  # only the batch's classes: N x P @ P x K
-    return (1.0 - alpha) * soft + alpha * (soft[:, present] @ cmatrix[present])
+        return (1.0 - alpha) * F.one_hot(labels.long(), num_classes).float() + alpha * cmatrix[labels.long()]
+    soft = labels.float()
+    present = _batch_classes(soft)  # N x P @ P x K
+    with torch.autocast(device_type=soft.device.type, enabled=False):  # targets in float32, not bf16/fp16
+        return (1.0 - alpha) * soft + alpha * (soft[:, present] @ cmatrix[present])
+
+
+def _batch_classes(soft: torch.Tensor) -> torch.Tensor | slice:
+    """The classes (columns) a batch of label distributions (N, K) puts mass on.
+
+    On the CPU their indices, so that products run over those P classes instead of all K. On a
+    GPU every class: finding them (torch.nonzero) would stop the pipeline for a device sync
+    each step, and the whole product is cheap there.
+    """
+    if soft.device.type == "cpu":
+        return torch.nonzero((soft > 0).any(dim=0)).flatten()
+    return slice(None)
 
 
 def proxy_loss(logits: torch.Tensor, targets: torch.Tensor, cmatrix: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -44,7 +44,7 @@ class Param:
         return "--" + self.name.replace("_", "-")
 
     def check(self, value: Any) -> None:
-        if self.choices is not None and value not in self.choices:
+        if self.choices is not None and value is not None and value not in self.choices:
             raise KDError(f"{self.flag} must be one of {', '.join(self.choices)}, got {value!r}")
         if self.valid is not None and value is not None and not self.valid(value):
             raise KDError(f"{self.flag} must be {self.rule}, got {value}")

@@ -84,7 +84,8 @@ class Guard:
         """The stop signal (0 if none), agreed by every process (a device sync); a non-finite loss raises."""
         flags = torch.stack([self.nonfinite.float(), torch.tensor(float(self.signum), device=self.nonfinite.device)])
         if self.accelerator.num_processes > 1:  # one small all-reduce: every process stops at the same step
-            flags = self.accelerator.reduce(flags, reduction="max")
+            # torch's own MAX: Accelerate's reduce(reduction="max") exists only from 1.14 on (before, it sums).
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         nonfinite, signum = flags.tolist()
         if nonfinite:  # before anything is saved: a checkpoint with NaN weights would be worse than none
             self.diverged(step, self.last_loss.item())

@@ -9,6 +9,7 @@ predictions and metrics (`evaluate`).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch._dynamo  # noqa: F401 - see below
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from tqdm.auto import tqdm
 
 from kd.data.augment import AugmentOptions
 from kd.data.datasets import ImageDataset
 from kd.data.loader import DeviceBatches
-from kd.device import peak_memory, synchronize
+from kd.device import peak_memory, reset_peak_memory, synchronize, use_fast_kernels
 from kd.errors import KDError
 from kd.methods.base import EpochContext, Method, StepContext
 from kd.training.evaluate import evaluate as split_metrics, sync_buffers
@@ -94,13 +96,21 @@ class FitResult:
         return self.epoch_loss_parts.get("loss", [])
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with: list[str] | None = None,
+def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, log_with: list[str] | None = None,
                      logging_dir: str | None = None) -> Accelerator:
     """The Accelerator for a training run, under any launcher (plain python, torchrun, accelerate launch).
 
     On a machine without a GPU (or other accelerator) it is created with `cpu=True`: only then
     does Accelerate turn torchrun's environment into a multi-process CPU run (gloo backend);
-    otherwise every process would train alone, as if it were rank 0 of 1. `log_with` names
+    otherwise every process would train alone, as if it were rank 0 of 1. `mixed_precision`
+    None takes `accelerate launch --mixed_precision` (its environment), else "no".
+
+    DDP would copy every buffer from rank 0 at each forward (`broadcast_buffers`): that would
+    overwrite state each process keeps for itself until an epoch end sums it (OLS's statistics)
+    and re-send frozen ones every step (a proxy's C-matrix, a KD teacher's BatchNorm statistics).
+    BatchNorm's running statistics, the only buffers that differ by rank otherwise, are the main
+    process's wherever they are used (`sync_buffers` before evaluating and saving); in training
+    mode BatchNorm normalises with the batch's own statistics. `log_with` names
     Accelerate trackers; they log under `logging_dir` (set it to the run directory before
     `init_trackers`).
     """
@@ -108,6 +118,7 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with:
     return Accelerator(
         mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=not has_accelerator,
         log_with=log_with or None, project_dir=logging_dir if log_with else None,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
 
 
@@ -118,7 +129,7 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
 
     `settings` (`kd.training.settings.Settings`) gives epochs, batch_size (per process and
     micro-batch), lr, weight_decay, seed, max_steps, checkpoint_every (epochs),
-    checkpoint_every_steps, eval_every (epochs; needs `data.val`), channels_last and compile.
+    checkpoint_every_steps, eval_every (epochs; needs `data.val`), channels_last, compile and num_workers.
     `run_dir` gets summary.csv and checkpoints; `resume_from` is a checkpoint to continue from.
     An optimizer step covers the accelerator's `gradient_accumulation_steps` micro-batches per
     process; the schedule, `max_steps` and checkpoint steps count optimizer steps, and each
@@ -141,7 +152,7 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
     if first_step:
         _write_summary(accelerator, run_dir, state.summary)  # drops any rows a killed run wrote after its last checkpoint
     first_epoch = plan.first_epoch(state.step)
-    with guard.stop_signals():
+    with guard.stop_signals(), contextlib.closing(batches):  # closing: streamed data's DataLoader workers stop
         for epoch in range(first_epoch, plan.epochs):
             done = state.step - epoch * plan.steps_per_epoch  # > 0 only when resuming mid-epoch
             batches.set_epoch(epoch, done * accum, plan.steps_in(epoch) * accum)
@@ -159,7 +170,8 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
                     if accelerator.sync_gradients:
                         last_lr = optimizer.param_groups[0]["lr"]
                         optimizer.step()
-                        scheduler.step()
+                        if not accelerator.optimizer_step_was_skipped:  # fp16: the scaler skipped an overflowed step
+                            scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                 guard.watch(parts["loss"])
                 for name, value in parts.items():
@@ -198,7 +210,7 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
             last = state.step >= plan.total_steps
             row = _epoch_row(state, epoch, plan, effective_batch, last_lr)
             if evaluate and data.val is not None and (last or _every(settings.eval_every or 1, epoch + 1)):
-                row.update(_validate(module, data, settings.batch_size, accelerator))  # every eval_every epochs, and last
+                row.update(_validate(module, data, settings, accelerator))  # every eval_every epochs, and last
             _add_row(accelerator, run_dir, state, row)
             if signum and run_dir is not None or checkpointing and (last or _every(every_epochs, epoch + 1) or _every(every_steps, state.step)):
                 guard.check_weights(module, state.step)
@@ -208,7 +220,7 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
             if last:
                 break
     progress.close()
-    metrics = _test_metrics(module, data, settings.batch_size, accelerator, guard, state, evaluate)
+    metrics = _test_metrics(module, data, settings, accelerator, guard, state, evaluate)
     _add_test_metrics(accelerator, run_dir, state, metrics)
     return _result(accelerator, state, metrics, effective_batch, method.train_metrics(state.train_seconds - seconds_before),
                    resumed_from_step=first_step if resume_from else None)
@@ -222,14 +234,20 @@ def _prepare(module: TrainModule, data: ImageDataset, settings: Settings, accele
     batches = DeviceBatches(
         data, "train", settings.batch_size, accelerator.device,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=settings.seed, augment=augment,
+        num_workers=settings.num_workers,
     )
     steps_per_epoch = optimizer_steps_per_epoch(
         batches.num_samples, settings.batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps,
     )
     plan = Plan.make(steps_per_epoch, settings.epochs, settings.max_steps)
-    # Convolutional networks in channels-last memory format (NHWC): oneDNN's and cuDNN's faster layout.
-    if settings.channels_last and any(isinstance(part, nn.Conv2d) for part in module.net.modules()):
-        module.net.to(memory_format=torch.channels_last)
+    use_fast_kernels(accelerator.device)
+    reset_peak_memory(accelerator.device)
+    # Convolutional networks in channels-last memory format (NHWC): oneDNN's and cuDNN's faster layout;
+    # a KD teacher too, so it does not convert every batch back.
+    if settings.channels_last:
+        for network in (module.net, getattr(module.criterion, "teacher", None)):
+            if network is not None and any(isinstance(part, nn.Conv2d) for part in network.modules()):
+                network.to(memory_format=torch.channels_last)
     if settings.compile:
         module.net.compile()  # in place: parameter names stay the same
     optimizer = build_optimizer(module, settings.lr, settings.weight_decay)
@@ -287,11 +305,11 @@ def _epoch_row(state: TrainState, epoch: int, plan: Plan, effective_batch: int, 
     }
 
 
-def _validate(module: nn.Module, data: ImageDataset, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
+def _validate(module: nn.Module, data: ImageDataset, settings: Settings, accelerator: Accelerator) -> dict[str, float]:
     """The validation split's metrics, with every process's BatchNorm statistics the main process's."""
     inner = accelerator.unwrap_model(module)
     sync_buffers(inner, accelerator)
-    metrics = split_metrics(inner.net, data, batch_size, accelerator, "val")
+    metrics = split_metrics(inner.net, data, settings.batch_size, accelerator, "val", settings.num_workers)
     inner.train()
     return metrics
 
@@ -309,13 +327,13 @@ def _write_summary(accelerator: Accelerator, run_dir: str | Path | None, rows: l
         write_summary(Path(run_dir) / SUMMARY_FILE, rows)
 
 
-def _test_metrics(module: nn.Module, data: ImageDataset, batch_size: int, accelerator: Accelerator, guard: Guard,
+def _test_metrics(module: nn.Module, data: ImageDataset, settings: Settings, accelerator: Accelerator, guard: Guard,
                   state: TrainState, evaluate: bool) -> dict[str, float]:
     """After the last step: the weights checked, the test metrics (`evaluate`) and the last validation's."""
     guard.check_weights(module, state.step)
     inner = accelerator.unwrap_model(module)
     sync_buffers(inner, accelerator)
-    metrics = split_metrics(inner.net, data, batch_size, accelerator) if evaluate else {}
+    metrics = split_metrics(inner.net, data, settings.batch_size, accelerator, "test", settings.num_workers) if evaluate else {}
     if state.summary and any(key.startswith("val_") for key in state.summary[-1]):
         metrics = {**{key: value for key, value in state.summary[-1].items() if key.startswith("val_")}, **metrics}
     return metrics

@@ -123,14 +123,16 @@ def prepare_run(stage: str, settings: Any, method_cls: type[Method]) -> Run:
     """
     check_settings(settings)
     accelerator = make_accelerator(settings.mixed_precision, settings.grad_accum, trackers(settings.log_with), settings.out)
+    settings.mixed_precision = accelerator.mixed_precision  # not given: `accelerate launch`'s, else "no"
     if settings.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate would accept it and silently train in float32.
         raise KDError("--mixed-precision fp16 needs a GPU; use bf16 on the CPU")
     out = check_out(settings.out, settings.overwrite, settings.resume)
     augment = augment_options(settings, method_cls)
     set_seed(settings.seed)
-    data = load_dataset(settings.dataset, settings.data_dir, download=settings.download, image_size=settings.image_size,
-                        skip_bad_images=settings.skip_bad_images)
+    with accelerator.main_process_first():  # --download: one process fetches, the others then read
+        data = load_dataset(settings.dataset, settings.data_dir, download=settings.download, image_size=settings.image_size,
+                            skip_bad_images=settings.skip_bad_images)
     if settings.train_per_class is not None:
         data = train_per_class(data, settings.train_per_class, settings.seed)
     if settings.val_split is not None:

@@ -95,6 +95,12 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         type=bool,
     ),
     Setting(
+        "num_workers", None,
+        "DataLoader worker processes that read and decode streamed images (ImageFolder trees too large to hold in "
+        "memory); 0 reads them in the training process. In-memory data needs none. Default: min(4, CPU cores).",
+        type=int, metavar="N", valid=lambda v: v >= 0, rule="a whole number >= 0",
+    ),
+    Setting(
         "skip_bad_images", False,
         "imagefolder: leave out images that cannot be read (counted in metrics.json) instead of stopping with an error naming the first.",
         type=bool,
@@ -114,8 +120,9 @@ RUN_SETTINGS: tuple[Setting, ...] = (
             required=True, rerun=False),
     Setting("overwrite", False, "Replace the run in an existing non-empty --out.", type=bool, rerun=False),
     Setting(
-        "mixed_precision", "no",
-        "Passed to Accelerate; losses and the C-matrix stay in float32. fp16 needs a GPU; bf16 also runs on the CPU.",
+        "mixed_precision", None,
+        "Passed to Accelerate; losses and the C-matrix stay in float32. fp16 needs a GPU; bf16 also runs on the CPU. "
+        "Default: what `accelerate launch --mixed_precision` (or its config file) says, else no; config.json records the value used.",
         choices=("no", "fp16", "bf16"), resume=True,
     ),
     _positive_int(

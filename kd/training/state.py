@@ -42,6 +42,8 @@ class TrainState:
         self.epoch_batches = 0
         self.part_sums: list[dict[str, float]] = [{} for _ in range(world_size)]
         self.generator_states: list[torch.Tensor] | None = None
+        # The augmentation's host generator (a GPU run's; on the CPU it is the generator above: None).
+        self.host_generator_states: list[torch.Tensor | None] = [None] * world_size
         self.method_states: list[dict[str, torch.Tensor]] = [{} for _ in range(world_size)]
 
     def own_part_sums(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -50,16 +52,19 @@ class TrainState:
 
     def capture(self, epoch_batches: int, part_sums: dict[str, torch.Tensor]) -> None:
         """Gather every process's state for a checkpoint; a collective call (every process must call it)."""
+        host = self.batches.host_generator
         mine = [(
             self.batches.generator.get_state().cpu(),
             {name: float(value.item()) for name, value in part_sums.items()},
             {name: value.detach().cpu().clone() for name, value in self.method.rank_state().items()},
+            host.get_state() if host is not self.batches.generator else None,
         )]
         everyone = gather_object(mine)
         self.epoch_batches = epoch_batches
-        self.generator_states = [generator for generator, _, _ in everyone]
-        self.part_sums = [sums for _, sums, _ in everyone]
-        self.method_states = [method_state for _, _, method_state in everyone]
+        self.generator_states = [generator for generator, _, _, _ in everyone]
+        self.part_sums = [sums for _, sums, _, _ in everyone]
+        self.method_states = [method_state for _, _, method_state, _ in everyone]
+        self.host_generator_states = [host_state for _, _, _, host_state in everyone]
 
     def save(self, accelerator: Accelerator, run_dir: str | Path, epoch_batches: int, part_sums: dict[str, torch.Tensor]) -> Path:
         """Capture the state and save a checkpoint of the run at its current step (every process must call it)."""
@@ -75,6 +80,7 @@ class TrainState:
             "epoch_batches": self.epoch_batches,
             "part_sums": self.part_sums,
             "generator_states": self.generator_states,
+            "host_generator_states": self.host_generator_states,
             "method_states": self.method_states,
             "world_size": self.world_size,
             "summary": self.summary,
@@ -99,6 +105,10 @@ class TrainState:
         self.summary = [dict(row) for row in state["summary"]]
         self.epoch_start_seconds = float(state["epoch_start_seconds"])
         self.batches.generator.set_state(self.generator_states[self.rank])
+        # Absent from CPU runs' checkpoints, whose host generator is the one above.
+        self.host_generator_states = list(state.get("host_generator_states") or [None] * self.world_size)
+        if self.host_generator_states[self.rank] is not None:
+            self.batches.host_generator.set_state(self.host_generator_states[self.rank])
         self.method.load_rank_state(self.method_states[self.rank])
 
 
