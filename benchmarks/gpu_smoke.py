@@ -31,6 +31,8 @@ safetensors, click, tqdm, scikit-learn, matplotlib, pillow) and no network:
      model.safetensors compared tensor by tensor, bitwise (on a GPU, if they differ, a second
      uninterrupted run A' measures the kernels' own run-to-run noise);
    - `teacher_epoch_benchmark`: benchmarks/gpu_teacher_epoch.py on the tree or `--data-dir`;
+   - `reference_pipeline`: benchmarks/throughput.py's teacher part on the same data: training
+     img/s of the paper's AlexNet and LeNet with LS++, ours against the paper's reference recipe;
    - `sync_probe`: in-process, `torch.cuda.set_sync_debug_mode("warn")` around a few steps of
      `kd.training.loop.fit` for lspp, proxy with mixup/cutmix, kd and randaugment: synchronising
      operations counted per step, with where they come from (and the explicit
@@ -74,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 JSON_NAME, LOG_NAME = "gpu_smoke.json", "gpu_smoke.log"
 CHECKS = (
     "install", "teacher_bf16", "teacher_fp16", "teacher_ols", "student_proxy_mix", "student_kd",
-    "imagefolder_randaugment", "compile", "resume_bitwise", "teacher_epoch_benchmark", "sync_probe",
+    "imagefolder_randaugment", "compile", "resume_bitwise", "teacher_epoch_benchmark", "reference_pipeline", "sync_probe",
 )
 TEST_METRICS = ("test_top1", "test_nll", "test_ece", "test_mean_confidence")
 KEPT_METRICS = (*TEST_METRICS, "steps", "epochs", "train_seconds", "images_per_second", "peak_memory_mb", "peak_memory_kind",
@@ -100,6 +102,7 @@ class Sizes:
     compile: list[str]
     resume: list[str]  # resume check: enough epochs that SIGTERM lands mid-run
     bench: list[str]  # gpu_teacher_epoch.py arguments besides --data-dir and --results-dir
+    reference: list[str]  # throughput.py teacher arguments besides --data-dir and --results-dir
     probe_steps: int
     jobs: int  # checks run at once
     deadline: float  # seconds for everything; later checks are not run
@@ -112,7 +115,7 @@ class Sizes:
             teacher=["--epochs", "4"], student=["--epochs", "3"], tree_train=500, tree_test=50,
             tree_run=["--image-size", "72", "--epochs", "1", "--max-steps", "30", "--batch-size", "128"],
             compile=["--epochs", "2"], resume=["--image-size", "32", "--batch-size", "64", "--epochs", "10"],
-            bench=[], probe_steps=30, jobs=1, deadline=540.0,
+            bench=[], reference=["--repeats", "3", "--steps", "50"], probe_steps=30, jobs=1, deadline=540.0,
             timeout={"default": 240.0, "compile": 360.0, "bench": 300.0, "probe": 300.0},
         )
 
@@ -125,7 +128,7 @@ class Sizes:
             teacher=["--epochs", "1"], student=["--epochs", "1"], tree_train=12, tree_test=4,
             tree_run=["--image-size", "72", "--epochs", "1", "--max-steps", "2", "--batch-size", "16"],
             compile=["--epochs", "1", "--max-steps", "2"], resume=["--batch-size", "64", "--epochs", "3"],
-            bench=["--max-steps", "2", "--batch-size", "16"], probe_steps=2, jobs=2, deadline=300.0,
+            bench=["--max-steps", "2", "--batch-size", "16"], reference=["--smoke"], probe_steps=2, jobs=2, deadline=300.0,
             timeout={"default": 150.0, "compile": 200.0, "bench": 200.0, "probe": 150.0},
         )
 
@@ -622,6 +625,40 @@ def check_benchmark(session: Session, data: dict[str, Path]) -> None:
     session.record("teacher_epoch_benchmark", finish(result, problems))
 
 
+def check_reference(session: Session, data: dict[str, Path]) -> None:
+    """Training img/s of the paper's AlexNet and LeNet with LS++: ours against the paper's reference recipe
+    (throughput.py's teacher part: per-sample PIL transforms in a DataLoader, the whole K x K matrix every step)."""
+    results_dir = session.work / "reference"
+    data_dir = data.get("real") or data["tree"]
+    record = session.run([sys.executable, "benchmarks/throughput.py", "teacher", "--data-dir", str(data_dir),
+                          "--results-dir", str(results_dir), *session.sizes.reference], session.timeout("bench"))
+    result: dict[str, Any] = {"commands": [record]}
+    problems: list[str] = []
+    if record["returncode"] != 0:
+        problems.append(record.get("error") or f"exit code {record['returncode']}: {record['stderr_tail'][-300:]}")
+    else:
+        try:
+            part = json.loads((results_dir / "throughput.json").read_text())["parts"]["teacher"]
+        except (OSError, ValueError, KeyError) as error:
+            part = {}
+            problems.append(f"no readable teacher part in throughput.json: {error}")
+        result["device"] = (part.get("machine") or {}).get("device")
+        result["models"] = {
+            model: {"ours_images_per_second": row["ours_images_per_second"]["median"],
+                    "reference_images_per_second": row["baseline_images_per_second"]["median"],
+                    "ratio_of_medians": row["ratio_ours_over_baseline"]["of_medians"]}
+            for model, row in (part.get("results") or {}).items()
+        }
+        if part and not result["models"]:
+            problems.append("throughput.json's teacher part holds no models")
+        for model, row in result["models"].items():
+            if not all(_finite(value) and value > 0 for value in row.values()):
+                problems.append(f"{model}: {row}")
+        if part and not str(result["device"]).startswith("cuda" if session.cuda else "cpu"):
+            problems.append(f"ran on {result['device']!r}")
+    session.record("reference_pipeline", finish(result, problems))
+
+
 def check_probe(session: Session, data: dict[str, Path]) -> None:
     out = session.work / "probe.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--probe-worker", str(out), "--probe-steps", str(session.sizes.probe_steps)]
@@ -782,6 +819,10 @@ def print_table(session: Session) -> None:
         elif name == "teacher_epoch_benchmark":
             report = check.get("report") or {}
             info = f"{report.get('images_per_second', 0):.0f} img/s, peak {report.get('peak_memory_mb', 0):.0f} MiB" if report else ""
+        elif name == "reference_pipeline":
+            models = check.get("models") or {}
+            info = ", ".join(f"{m} {r['ours_images_per_second']:.0f} vs {r['reference_images_per_second']:.0f} img/s "
+                             f"({r['ratio_of_medians']:.2f}x)" for m, r in models.items())
         elif name == "sync_probe":
             configs = check.get("configs") or {}
             info = check.get("reason", "") if check.get("status") == "skipped" else ", ".join(
@@ -872,6 +913,7 @@ def main() -> int:
             (("compile",), check_compile),
             (("resume_bitwise",), check_resume),
             (("teacher_epoch_benchmark",), check_benchmark),
+            (("reference_pipeline",), check_reference),
             (("imagefolder_randaugment",), check_imagefolder),
             (("teacher_ols",), check_ols),
             (("teacher_fp16",), check_fp16),

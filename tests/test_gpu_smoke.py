@@ -14,7 +14,7 @@ from tests.helpers import ROOT
 SCRIPT = "benchmarks/gpu_smoke.py"
 CHECKS = {
     "install", "teacher_bf16", "teacher_fp16", "teacher_ols", "student_proxy_mix", "student_kd",
-    "imagefolder_randaugment", "compile", "resume_bitwise", "teacher_epoch_benchmark", "sync_probe",
+    "imagefolder_randaugment", "compile", "resume_bitwise", "teacher_epoch_benchmark", "reference_pipeline", "sync_probe",
 }
 
 
@@ -38,6 +38,7 @@ def test_dry_run_writes_every_check_and_passes(tmp_path):
     assert "fp16" in checks["teacher_fp16"]["message"]
     assert checks["resume_bitwise"]["a_vs_resumed"]["bitwise_equal"] and checks["resume_bitwise"]["resumed_from_step"] > 0
     assert checks["teacher_epoch_benchmark"]["report"]["images_per_second"] > 0
+    assert set(checks["reference_pipeline"]["models"]) == {"alexnet", "lenet"}
     assert checks["sync_probe"]["status"] == "skipped" and len(checks["sync_probe"]["configs"]) == 4
     assert (out / "gpu_smoke.log").stat().st_size > 0
     assert sorted(p.name for p in out.iterdir()) == ["gpu_smoke.json", "gpu_smoke.log"]  # what comes back from a device session
