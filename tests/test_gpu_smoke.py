@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import ENV, ROOT
 
 SCRIPT = "benchmarks/gpu_smoke.py"
 CHECKS = {
@@ -21,8 +21,10 @@ CHECKS = {
 @pytest.mark.slow
 def test_dry_run_writes_every_check_and_passes(tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--out", str(out), "--work-dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # One check at a time and one thread each (ENV): the suite's other worker shares the two cores,
+    # and its timed tests (the two-minute digits run) must not lose them to oversubscription.
+    result = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--jobs", "1", "--out", str(out), "--work-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     report = json.loads((out / "gpu_smoke.json").read_text())
     failed = {name: check.get("error") for name, check in report["checks"].items() if not check["ok"]}
     assert result.returncode == 0 and report["ok"], (failed, result.stdout[-3000:], result.stderr[-3000:])
