@@ -87,12 +87,12 @@ def distill(settings: StudentSettings) -> Path:
         )
         extra_config.update(pretrained.record())
 
-    run = prepare_run("student", settings, cls)
-    run.extra_config = extra_config
-    setup = Setup(run.data.num_classes, tuple(run.data.class_names), params)
-    if need == "cmatrix":
-        setup.cmatrix = _proxy_cmatrix(settings.proxy, run.data, params["remap_by_name"])
-    elif need == "teacher":
-        teacher = _teacher(settings, pretrained, run.data)
-        setup.teacher, setup.teacher_model = teacher.net, teacher.model
-    return run.train(cls(setup))
+    with prepare_run("student", settings, cls) as run:
+        run.extra_config = extra_config
+        setup = Setup(run.data.num_classes, tuple(run.data.class_names), params)
+        if need == "cmatrix":
+            setup.cmatrix = _proxy_cmatrix(settings.proxy, run.data, params["remap_by_name"])
+        elif need == "teacher":
+            teacher = _teacher(settings, pretrained, run.data)
+            setup.teacher, setup.teacher_model = teacher.net, teacher.model
+        return run.train(cls(setup))

@@ -19,5 +19,5 @@ def train_teacher(settings: Settings) -> Path:
     if "teacher" not in cls.stages:
         raise KDError(f"--method {name} is a student method; a teacher takes one of {', '.join(method_names('teacher'))}")
     params = resolve_params(cls, settings.method_params)
-    run = prepare_run("teacher", settings, cls)
-    return run.train(cls(Setup(run.data.num_classes, tuple(run.data.class_names), params)))
+    with prepare_run("teacher", settings, cls) as run:
+        return run.train(cls(Setup(run.data.num_classes, tuple(run.data.class_names), params)))

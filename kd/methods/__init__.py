@@ -1,8 +1,8 @@
 """The methods' registry: one line per method, name -> "module:Class".
 
 Adding a method is one new file in this package (a `Method` subclass, see `base.py`) and one
-line here. Everything else (command-line flags, config.json keys, `--resume` checks, the
-README's method table, `kd methods`) is derived from the classes' declarations.
+line here. Everything else (command-line flags, config.json keys, `--resume` checks,
+the method table in docs/methods.md, `kd methods`) is derived from the classes' declarations.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def format_default(value: Any) -> str:
 
 
 def methods_markdown() -> str:
-    """The README's method table, made from the registry."""
+    """The method table of docs/methods.md, made from the registry."""
     lines = ["| method | stage | what | parameters (defaults) | Mixup/CutMix |", "|---|---|---|---|---|"]
     for name in REGISTRY:
         cls = get_method(name)

@@ -3,7 +3,7 @@
 A method is an `nn.Module` subclass of `Method` in one file, listed once in the registry
 (`kd.methods.REGISTRY`). Its class attributes declare everything the rest of the toolkit
 needs to know about it: the stages it serves, its parameters (`Param`: the single source of
-the command-line flags, config.json keys, the keys `--resume` compares and the README's
+the command-line flags, config.json keys, the keys `--resume` compares and docs/methods.md's
 method table) and what it needs (a teacher network or a C-matrix file).
 
 The engine calls `forward(logits, targets, context)` on every batch and logs every named part
@@ -116,7 +116,7 @@ class Method(nn.Module):
     """Base class of every method; subclasses set the class attributes and `forward`."""
 
     name: ClassVar[str]
-    summary: ClassVar[str]  # one line: README table and --help
+    summary: ClassVar[str]  # one line: the method table (docs/methods.md) and --help
     stages: ClassVar[tuple[str, ...]] = STAGES
     params: ClassVar[tuple[Param, ...]] = ()
     needs: ClassVar[str | None] = None  # None, "teacher" (a network) or "cmatrix" (a C-matrix file)

@@ -3,8 +3,8 @@
 A stage (teachers/, students/) prepares a run, builds its method once the data is known, and
 trains it:
 
-    run = prepare_run("teacher", settings, method_cls)    # checks, data, student network
-    return run.train(method_cls(Setup(run.data.num_classes, ...)))
+    with prepare_run("teacher", settings, method_cls) as run:    # checks, --out's lock, data, student network
+        return run.train(method_cls(Setup(run.data.num_classes, ...)))
 
 Everything else, including which files land in the run directory and what `config.json` and
 `metrics.json` hold, is shared here.
@@ -36,7 +36,7 @@ from kd.training.loop import FitResult, TrainingDiverged, TrainModule, fit, make
 from kd.training.optim import optimizer_steps_per_epoch
 from kd.training.rundir import (
     CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATUS_FILE, TENSORBOARD_DIR, abandon_run_dir, check_out, finish_run_dir, latest_checkpoint,
-    prepare_run_dir, read_run_config, save_model, work_dir,
+    lock_out, prepare_run_dir, read_run_config, save_model, work_dir,
 )
 from kd.training.settings import augment_params, check_settings, recorded, resume_keys, trackers
 
@@ -115,7 +115,8 @@ def dry_forward(net: nn.Module, data: ImageDataset, model: str) -> None:
 
 
 def prepare_run(stage: str, settings: Any, method_cls: type[Method]) -> Run:
-    """Check the settings, read the data and build the network; `--out` is not touched yet.
+    """Check the settings, read the data and build the network; `--out` is not touched yet
+    (but for its lock, `.OUT.kd-lock` beside it, taken first: see `kd.training.rundir.lock_out`).
 
     Every check runs before `--out` is touched (flags, out, data, model, then the stage's
     method: teacher, C-matrix; then a forward pass in `Run.train`): a failure leaves an
@@ -127,6 +128,24 @@ def prepare_run(stage: str, settings: Any, method_cls: type[Method]) -> Run:
     if settings.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate would accept it and silently train in float32.
         raise KDError("--mixed-precision fp16 needs a GPU; use bf16 on the CPU")
+    lock, error = None, None  # one run per --out: its main process holds the lock until the run ends
+    if accelerator.is_main_process:
+        try:
+            lock = lock_out(settings.out, settings.overwrite, settings.resume)
+        except KDError as refused:
+            error = str(refused)
+    error = broadcast_object_list([error])[0] if accelerator.num_processes > 1 else error
+    if error is not None:
+        raise KDError(error)
+    try:
+        return _prepare(stage, settings, method_cls, accelerator, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _prepare(stage: str, settings: Any, method_cls: type[Method], accelerator: Accelerator, lock: Any) -> Run:
     out = check_out(settings.out, settings.overwrite, settings.resume)
     augment = augment_options(settings, method_cls)
     set_seed(settings.seed)
@@ -144,7 +163,7 @@ def prepare_run(stage: str, settings: Any, method_cls: type[Method]) -> Run:
     # The student is built before the method so a teacher's construction does not shift the
     # random stream: the same seed gives the same initial student with every method.
     net = build_model(settings.model, data.num_classes, data.channels, data.image_size)
-    return Run(stage, settings, accelerator, out, augment, data, net)
+    return Run(stage, settings, accelerator, out, augment, data, net, lock=lock)
 
 
 @dataclass
@@ -159,9 +178,25 @@ class Run:
     data: ImageDataset
     net: nn.Module
     extra_config: dict[str, Any] = field(default_factory=dict)  # the stage's own config.json keys
+    lock: Any = None  # the main process's `OutLock` on --out, released when `train` ends
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """`with prepare_run(...) as run:` releases --out's lock however the stage ends (a bad teacher, say)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def train(self, method: Method) -> Path:
         """Train the network with `method`; write config.json, checkpoints, weights, artifacts and metrics."""
+        try:
+            return self._train(method)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self, method: Method) -> Path:
         settings, accelerator, out, data = self.settings, self.accelerator, self.out, self.data
         dry_forward(self.net, data, settings.model)
         run_config = self.config(method)

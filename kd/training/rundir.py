@@ -9,16 +9,25 @@ Checkpoints of the full training state live under `checkpoints/`: each is a dire
 `step-NNNNNNNN` (optimizer steps done) written by Accelerate's `save_state` into a hidden
 temporary directory `.tmp-step-NNNNNNNN` and renamed to its final name only when complete,
 so the highest-numbered `step-*` directory is always a complete checkpoint.
+
+A run directory belongs to one run at a time: the main process of a run holds an advisory lock
+(`flock`) on `.OUT.kd-lock` beside `OUT` (in its parent, so never inside a run) from before it
+decides anything about `--out` until the run ends (see `lock_out`). The kernel drops the lock
+when the process dies, even by SIGKILL.
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
+import errno
+import fcntl
 import io
 import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -42,6 +51,9 @@ ARTIFACTS = (
 )
 # An `--overwrite` run is built here, inside --out, and swapped in only once it has finished.
 STAGING_DIR = ".kd-staging"
+# The lock of the run that holds --out, `.NAME.kd-lock` beside it (its PID inside): outside the run
+# directory, so never run content; removed when the run ends (a killed run leaves it, unlocked and harmless).
+LOCK_SUFFIX = ".kd-lock"
 KEEP_CHECKPOINTS = 2
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
@@ -117,17 +129,131 @@ def commit_checkpoint(tmp: Path, step: int, keep: int = KEEP_CHECKPOINTS) -> Pat
     return final
 
 
+def lock_path(out: str | os.PathLike) -> Path:
+    """The lock file of `--out`: `.NAME.kd-lock` in its parent (the same for every path to it)."""
+    resolved = Path(out).expanduser().resolve()
+    return resolved.parent / f".{resolved.name or 'root'}{LOCK_SUFFIX}"
+
+
+def _check_out_path(out: Path, overwrite: bool, resume: bool) -> None:
+    if resume and overwrite:
+        raise KDError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise KDError(f"--out {out} exists and is not a directory")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise KDError(f"cannot write to --out {out}: {parent} is not a writable directory")
+
+
+class OutLock:
+    """The advisory lock a run holds on its `--out` (see `lock_path`); `release` ends it.
+
+    Taken by the main process only (the ranks of one run share it). Released when the run ends:
+    the lock file is removed, then the parent folders this run created for it if they are empty
+    again (a run that failed its checks leaves nothing behind). A process that dies drops the
+    lock at once.
+    """
+
+    def __init__(self, path: Path, fd: int, created: list[Path]) -> None:
+        self.path, self.fd, self.created = path, fd, created
+
+    def release(self) -> None:
+        global _HELD
+        if self.fd < 0:
+            return
+        try:  # removed while still held, so no other run can lock the old file after us
+            self.path.unlink(missing_ok=True)
+            for folder in self.created:  # deepest first; only if empty
+                folder.rmdir()
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+            if _HELD is self:
+                _HELD = None
+
+
+_HELD: OutLock | None = None  # the lock this process holds: one run at a time per process
+
+
+def _release_held() -> None:
+    if _HELD is not None:
+        _HELD.release()
+
+
+atexit.register(_release_held)
+
+
+def _holder_pid(fd: int) -> str:
+    """The PID the holder wrote into the lock file (it writes it just after taking the lock)."""
+    for _ in range(50):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text:
+            return text
+        time.sleep(0.01)
+    return "unknown"
+
+
+def lock_out(out: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> OutLock:
+    """Take `--out` for this run (main process), before anything about it is decided.
+
+    Creates the parent of `out` if needed (removed again by `release` if the run leaves it
+    empty), then `flock`s `lock_path(out)` without waiting and writes this process's PID into it. Another
+    live run holding it: a one-line `KDError` naming its PID, and nothing is touched. A lock
+    file that was removed or replaced between opening and locking it is opened again.
+    """
+    global _HELD
+    out = Path(out)
+    _check_out_path(out, overwrite, resume)
+    _release_held()  # a command that ended without releasing (only possible in-process)
+    path = lock_path(out)
+    created: list[Path] = []  # the folders this run made, deepest first
+    while True:
+        try:
+            if not path.parent.is_dir():
+                missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+                path.parent.mkdir(parents=True)
+                created = missing
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue  # made by another run just now
+        except FileNotFoundError:
+            created = []  # its folder was removed by a run that released it just now
+            continue
+        except OSError as error:
+            raise KDError(f"cannot write to --out {out}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise KDError(f"cannot lock --out {out}: {error.strerror or error}") from None
+            pid = _holder_pid(fd)
+            os.close(fd)
+            raise KDError(f"--out {out} is in use by another kd run (pid {pid}); wait for it, or pass another --out") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder we waited on removed it as it finished: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD = OutLock(path, fd, created)
+    return _HELD
+
+
 def check_out(out: str | os.PathLike, overwrite: bool, resume: bool = False) -> Path:
-    """Every check on `--out` that needs no write: run before anything is read or created.
+    """Every check on `--out` that needs no write: run before anything is read or created
+    (but after `lock_out`, which creates the parent of `out` and its lock file if needed).
 
     An existing non-empty directory is refused unless `overwrite`; with `resume`, `out` must
     hold a run (or an unfinished `--overwrite` run) with at least one complete checkpoint.
     """
     out = Path(out)
-    if resume and overwrite:
-        raise KDError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
-    if out.exists() and not out.is_dir():
-        raise KDError(f"--out {out} exists and is not a directory")
+    _check_out_path(out, overwrite, resume)
     if resume:
         work = work_dir(out, resume=True)
         if not (work / CONFIG_FILE).is_file():
@@ -139,9 +265,6 @@ def check_out(out: str | os.PathLike, overwrite: bool, resume: bool = False) -> 
             )
     elif out.is_dir() and any(out.iterdir()) and not overwrite:
         raise KDError(f"--out {out} already exists and is not empty; pass --overwrite to replace its run, or choose another --out")
-    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise KDError(f"cannot write to --out {out}: {parent} is not a writable directory")
     return out
 
 
