@@ -15,8 +15,8 @@ import click
 
 from lspp_kd.cli.files import check_out_file, check_png_name
 from lspp_kd.cli.plot_commands import cmatrix_plot_command
+from lspp_kd.cli.teacher_source import load_teacher_and_data, teacher_source_options
 from kd.errors import KDError
-from kd.models.pretrained import TEACHER_CLASSES_HELP, TEACHER_IMAGE_SIZE_HELP, TEACHER_MODEL_HELP, TEACHER_WEIGHTS_HELP
 
 FILE = click.Path(dir_okay=False)
 CLASSES_FROM_HELP = (
@@ -262,24 +262,14 @@ def cmatrix_remap_command(file: str, classes_from: str, data_dir: str | None, ou
 
 
 @cmatrix_group.command("from-teacher")
-@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--teacher-model", metavar="NAME", help=TEACHER_MODEL_HELP + " Instead of RUN_DIR.")
-@click.option("--teacher-weights", type=click.Path(dir_okay=False), help=TEACHER_WEIGHTS_HELP)
-@click.option("--teacher-image-size", type=int, default=None, metavar="N", help=TEACHER_IMAGE_SIZE_HELP)
-@click.option("--teacher-classes", type=click.Path(dir_okay=False), help=TEACHER_CLASSES_HELP)
+@teacher_source_options("to average over")
 @click.option("--out", required=True, type=click.Path(), help=OUT_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("--dataset", default=None, help=(
-    "Dataset to average over (default: the teacher run's own; digits with --teacher-model)."))
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help=(
-    "Dataset root (default: the teacher run's own)."))
 @click.option("--alpha", type=float, default=None, help=(
     "Mixing mass a recorded in the file (default: the teacher's alpha, else the paper's 0.1)."))
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help=(
-    "Batch size for the pass over the training split."))
 def from_teacher_command(run_dir: str | None, teacher_model: str | None, teacher_weights: str | None,
-                         teacher_image_size: int | None, teacher_classes: str | None, out: str, overwrite: bool,
-                         dataset: str | None, data_dir: str | None, alpha: float | None, batch_size: int) -> None:
+                         teacher_image_size: int | None, teacher_classes: str | None, dataset: str | None,
+                         data_dir: str | None, batch_size: int, out: str, overwrite: bool, alpha: float | None) -> None:
     """Average a trained network's non-target predictions per class over a training set (source = posthoc).
 
     The network is a teacher run (RUN_DIR) or a pretrained classifier (--teacher-model NAME
@@ -288,25 +278,13 @@ def from_teacher_command(run_dir: str | None, teacher_model: str | None, teacher
     """
     from kd.cmatrix.artifact import save_cmatrix
     from kd.cmatrix.posthoc import posthoc_cmatrix
-    from kd.models.pretrained import check_pretrained_flags, load_pretrained_teacher, load_run_teacher
     from kd.training.loop import make_accelerator
-    from kd.training.run_data import load_run_data
 
-    if (run_dir is None) == (teacher_model is None):
-        raise KDError("from-teacher needs exactly one of RUN_DIR or --teacher-model NAME (with --teacher-weights FILE)")
-    check_pretrained_flags(teacher_model, teacher_weights, teacher_image_size, teacher_classes)
     if alpha is not None and not 0.0 <= alpha < 1.0:
         raise KDError(f"--alpha must be in [0, 1), got {alpha}")
     target = check_out_file(out, overwrite)
-    if run_dir is not None:
-        teacher, config = load_run_teacher(run_dir)
-        data = load_run_data(run_dir, config, dataset, data_dir)
-    else:
-        from kd.data.datasets import load_dataset
-
-        pretrained = load_pretrained_teacher(teacher_model, teacher_weights, teacher_image_size, teacher_classes)
-        data = load_dataset(dataset or "digits", data_dir)
-        teacher = pretrained.build(data)
+    teacher, data, _, _ = load_teacher_and_data("from-teacher", run_dir, teacher_model, teacher_weights, teacher_image_size,
+                                                teacher_classes, dataset, data_dir)
     cm = posthoc_cmatrix(teacher, data, batch_size, make_accelerator(), alpha)
     save_cmatrix(target, cm)
     click.echo(f"wrote {out}: posthoc C-matrix of {teacher.model} over {len(data.class_names)} classes")

@@ -7,38 +7,42 @@ What the stage provides is what the method declares it needs:
 * `--teacher RUN_DIR`, or `--teacher-model NAME --teacher-weights FILE` (a pretrained timm or
   torchvision classifier, fed through an input adapter, see `kd.models.pretrained`): a frozen teacher
   network (method `kd`, Hinton: per-sample soft predictions);
-* neither: plain labels, with any method that needs nothing (onehot by default, ls, tfkd, ...).
+* `--soft-labels FILE` (`kd soft-labels`): a teacher's stored per-sample logits (methods kd, dkd,
+  dist), looked up by sample instead of running a network (`kd.softlabels.artifact.SoftLabels`);
+* none of them: plain labels, with any method that needs nothing (onehot by default, ls, tfkd, ...).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kd.cmatrix.artifact import CMatrix, CMatrixError, check_class_names, load_cmatrix, remap_by_name
-from kd.data.datasets import ImageDataset
+from kd.cmatrix.artifact import CMatrix, CMatrixError, check_class_names, file_sha256, load_cmatrix, remap_by_name
+from kd.data.datasets import ImageDataset, sample_names
 from kd.errors import KDError
 from kd.methods import Setup, get_method, method_names, resolve_params
 from kd.models.pretrained import (
     PretrainedTeacher, Teacher, check_pretrained_flags, check_run_teacher_fits, load_pretrained_teacher, load_run_teacher,
 )
-from kd.training.run import prepare_run
+from kd.softlabels.artifact import SoftLabelFile, SoftLabels, SoftLabelsError, load_soft_labels
+from kd.training.run import Run, prepare_run
 from lspp_kd.students.settings import StudentSettings
 
 # By what the student is given: the default method, the mode recorded in config.json, and the flag.
 DEFAULT_METHOD = {None: "onehot", "cmatrix": "proxy", "teacher": "kd"}
 MODE = {None: "plain", "cmatrix": "proxy", "teacher": "kd"}
 NEED_FLAG = {
-    None: "neither --proxy nor --teacher", "cmatrix": "--proxy FILE", "teacher": "--teacher RUN_DIR or --teacher-model NAME",
+    None: "neither --proxy nor --teacher", "cmatrix": "--proxy FILE",
+    "teacher": "--teacher RUN_DIR, --teacher-model NAME or --soft-labels FILE",
 }
 
 
 def _need(settings: StudentSettings) -> str | None:
-    if settings.teacher and settings.teacher_model:
-        raise KDError("--teacher RUN_DIR and --teacher-model NAME are alternatives: pass one of them")
-    teacher = settings.teacher or settings.teacher_model
-    if settings.proxy and teacher:
-        flag = "--teacher" if settings.teacher else "--teacher-model"
-        raise KDError(f"--proxy and {flag} are alternatives: pass one of them (or neither for a plain student)")
+    given = [flag for flag, value in (("--proxy FILE", settings.proxy), ("--teacher RUN_DIR", settings.teacher),
+                                      ("--teacher-model NAME", settings.teacher_model), ("--soft-labels FILE", settings.soft_labels))
+             if value]
+    if len(given) > 1:
+        raise KDError(f"{given[0]} and {given[1]} are alternatives: pass one of them (or none for a plain student)")
+    teacher = settings.teacher or settings.teacher_model or settings.soft_labels
     check_pretrained_flags(settings.teacher_model, settings.teacher_weights, settings.teacher_image_size, settings.teacher_classes)
     return "cmatrix" if settings.proxy else "teacher" if teacher else None
 
@@ -63,6 +67,14 @@ def _teacher(settings: StudentSettings, pretrained: PretrainedTeacher | None, da
     return teacher
 
 
+def _stored_teacher(path: str, stored: SoftLabelFile, run: Run) -> SoftLabels:
+    """The soft labels of `run`'s training samples, from a file made for the same data."""
+    if stored.data_fingerprint != run.whole_data_fingerprint:
+        raise SoftLabelsError(f"{path}: made for other data ({stored.dataset}, {stored.data_fingerprint}); "
+                              f"the student's is {run.data.name}, {run.whole_data_fingerprint}")
+    return SoftLabels(stored, sample_names(run.data.train), run.data.class_names, path)
+
+
 def distill(settings: StudentSettings) -> Path:
     """Train a student and write its run directory."""
     need = _need(settings)
@@ -81,6 +93,9 @@ def distill(settings: StudentSettings) -> Path:
     # Files are read and validated before any data is.
     if need == "cmatrix":
         load_cmatrix(settings.proxy)
+    elif settings.soft_labels:
+        stored = load_soft_labels(settings.soft_labels)
+        extra_config.update(mode="stored", soft_labels_teacher=stored.teacher_model, soft_labels_sha256=file_sha256(settings.soft_labels))
     elif settings.teacher_model:
         pretrained = load_pretrained_teacher(
             settings.teacher_model, settings.teacher_weights, settings.teacher_image_size, settings.teacher_classes
@@ -92,6 +107,8 @@ def distill(settings: StudentSettings) -> Path:
         setup = Setup(run.data.num_classes, tuple(run.data.class_names), params)
         if need == "cmatrix":
             setup.cmatrix = _proxy_cmatrix(settings.proxy, run.data, params["remap_by_name"])
+        elif settings.soft_labels:
+            setup.teacher, setup.teacher_model = _stored_teacher(settings.soft_labels, stored, run), stored.teacher_model
         elif need == "teacher":
             teacher = _teacher(settings, pretrained, run.data)
             setup.teacher, setup.teacher_model = teacher.net, teacher.model

@@ -15,6 +15,9 @@ STUDENT_SETTINGS: tuple[Setting, ...] = (
     Setting("teacher_weights", None, TEACHER_WEIGHTS_HELP, path="file"),
     Setting("teacher_image_size", None, TEACHER_IMAGE_SIZE_HELP, type=int, metavar="N"),
     Setting("teacher_classes", None, TEACHER_CLASSES_HELP, path="file"),
+    Setting("soft_labels", None, "Stored soft labels (`kd soft-labels`): per-sample KD (method kd, dkd or dist) from the "
+            "teacher's logits in the file, looked up per sample, no teacher network run. An alternative to --teacher.",
+            path="file", resume=True),
 )
 
 StudentSettings = settings_class("StudentSettings", STUDENT_SETTINGS, base=Settings)

@@ -252,7 +252,7 @@ def evaluate_in_one_process(net: torch.nn.Module, data, split: str) -> dict[str,
 
     logits, labels = [], []
     with torch.no_grad():
-        for images, batch_labels, valid in DeviceBatches(data, split, 100, torch.device("cpu")):
+        for images, batch_labels, valid, _ in DeviceBatches(data, split, 100, torch.device("cpu")):
             assert valid.all()
             logits.append(net(images))
             labels.append(batch_labels)

@@ -317,7 +317,7 @@ def test_device_batches_are_reproducible_and_resume_bitwise():
     first, again = make(0), make(0)
     one, two = _epoch(first), _epoch(again)
     assert _same(one, two) and not _same(one, _epoch(make(1)))
-    images, targets, valid = one[0]
+    images, targets, valid, _ = one[0]
     assert images.dtype == torch.float32 and targets.shape == (256, 10) and valid.all()
     # Resume: the generator state after batch 0 and start_batch=1 give the rest of the epoch.
     resumed = make(0)
@@ -333,14 +333,14 @@ def test_device_batches_default_and_evaluation():
     data = load_dataset("digits")
     train = DeviceBatches(data, "train", 64, CPU)
     assert train.augment_options == AugmentOptions(("crop",)) and train.augment.names == ("crop",)
-    images, labels, _ = next(iter(train))
+    images, labels, _, _ = next(iter(train))
     assert labels.dtype == torch.long and labels.shape == (64,)
     plain = DeviceBatches(data, "train", 64, CPU, augment=AugmentOptions(()))
     normalize = Normalize(data.mean, data.std, CPU)
     chosen = data.train.images[plain._indices()[0][:64]]
     assert torch.equal(next(iter(plain))[0], normalize(chosen))  # "none": normalisation only
     evaluation = DeviceBatches(data, "test", 100, CPU, augment=ALL)  # augmentations never touch evaluation
-    images, labels, _ = next(iter(evaluation))
+    images, labels, _, _ = next(iter(evaluation))
     assert evaluation.augment is None and labels.shape == (100,)
     assert torch.equal(images, normalize(data.test.images[:100]))
 
@@ -372,10 +372,11 @@ def test_streaming_crop_is_seeded_by_seed_epoch_and_index(streaming):
 def test_streaming_without_crop_trains_on_the_evaluation_view(streaming):
     batches = DeviceBatches(streaming, "train", 4, CPU, num_workers=0, augment=AugmentOptions(()))
     indices = batches._indices()[0][:4].tolist()
-    images, labels, _ = next(iter(batches))
+    images, labels, _, positions = next(iter(batches))
     normalize = Normalize(streaming.mean, streaming.std, CPU)
     expected = torch.stack([streaming.train[i][0] for i in indices])
     assert torch.equal(images, normalize(expected)) and labels.tolist() == [streaming.train[i][1] for i in indices]
+    assert positions.tolist() == indices  # the sample indices stored soft labels are looked up by
 
 
 # ----------------------------------------------------------------------------- through the command line

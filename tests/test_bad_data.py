@@ -151,7 +151,7 @@ def test_skip_bad_images_streaming(tmp_path, capfd):
     assert not data.in_memory and data.skipped_images == 1
     assert len(data.train) == 9 and len(data.test) == 10
     batches = all_batches(data, "test", num_workers=2)
-    labels = torch.cat([labels for _, labels, _ in batches])
+    labels = torch.cat([labels for _, labels, _, _ in batches])
     assert len(labels) == 10  # the unreadable one is stood in for by the next sample
     assert str(late) in capfd.readouterr().err
 

@@ -180,7 +180,7 @@ def test_bf16_keeps_the_lspp_loss_and_c_matrix_in_float32(fresh_accelerate_state
     data = load_dataset("digits")
     net = build_model("small_cnn", data.num_classes, data.channels, data.image_size)
     module = accelerator.prepare(TrainModule(net, build_method("lspp", data.num_classes)))
-    images, labels, _ = next(iter(DeviceBatches(data, "train", 16, accelerator.device)))
+    images, labels, _, _ = next(iter(DeviceBatches(data, "train", 16, accelerator.device)))
     seen = []
     net.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
     parts = module(images, labels, StepContext(epoch=0, step=0, total_steps=1, steps_per_epoch=1))

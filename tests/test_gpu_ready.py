@@ -117,11 +117,11 @@ def test_streamed_training_data_keeps_its_worker_processes_across_epochs():
     readers = []
     for epoch in range(3):
         batches.set_epoch(epoch)
-        readers.append({int(pid) for _, pids, _ in batches for pid in pids})
+        readers.append({int(pid) for _, pids, _, _ in batches for pid in pids})
     assert readers[0] == readers[1] == readers[2] and len(readers[0]) == 2 and os.getpid() not in readers[0]
     batches.close()
     batches.set_epoch(3)
-    assert {int(pid) for _, pids, _ in batches for pid in pids}.isdisjoint(readers[0])  # new workers after close
+    assert {int(pid) for _, pids, _, _ in batches for pid in pids}.isdisjoint(readers[0])  # new workers after close
     batches.close()
     in_process = DeviceBatches(data, "train", 4, torch.device("cpu"), num_workers=0)
     assert {int(pid) for _, pids, _ in in_process for pid in pids} == {os.getpid()}

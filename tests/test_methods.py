@@ -69,7 +69,8 @@ def test_every_registered_method_declares_a_consistent_contract():
     assert set(all_param_names()) <= set(resume_keys(Settings(), DERIVED_RESUME_KEYS))
     assert method_names("teacher") == ["onehot", "ls", "lspp", "ols", "tfkd", "zipf", "focal", "flsd", "mbls"]
     assert method_names("student", None) == ["onehot", "ls", "tfkd", "zipf", "focal", "flsd", "mbls"]
-    assert stage_params("student")["temperature"] == [("tfkd", get_method("tfkd").params[1]), ("kd", get_method("kd").params[0])]
+    assert [method for method, _ in stage_params("student")["temperature"]] == ["tfkd", "kd", "dkd", "dist"]
+    assert stage_params("student")["temperature"][:2] == [("tfkd", get_method("tfkd").params[1]), ("kd", get_method("kd").params[0])]
 
 
 def test_readme_method_table_is_the_registry():
@@ -82,8 +83,8 @@ def test_readme_method_table_is_the_registry():
 def test_parameters_resolve_to_defaults_and_are_checked():
     assert resolve_params(get_method("ls"), {"alpha": None}) == {"alpha": 0.1}
     assert resolve_params(get_method("kd"), {"temperature": 2.0, "alpha": None, "remap_by_name": False}) == {
-        "temperature": 2.0, "kd_weight": 0.9, "ce_weight": 0.1}
-    with pytest.raises(KDError, match="--temperature does not apply to --method lspp .*tfkd, kd"):
+        "temperature": 2.0, "kd_weight": 0.9, "ce_weight": 0.1, "logit_std": False}
+    with pytest.raises(KDError, match="--temperature does not apply to --method lspp .*tfkd, kd, dkd, dist"):
         resolve_params(get_method("lspp"), {"temperature": 2.0})
     with pytest.raises(KDError, match=r"--alpha must be in \(0, 1\)"):
         resolve_params(get_method("lspp"), {"alpha": 0.0})

@@ -12,7 +12,6 @@ path (`posthoc_cmatrix`) serves both.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -60,10 +59,7 @@ def posthoc_cmatrix(
     if not 0.0 <= alpha < 1.0:
         raise KDError(f"--alpha must be in [0, 1), got {alpha}")
     probs = estimate_cmatrix(teacher.net, data, batch_size, accelerator)
-    extra = {}
-    if "teacher_weights" in teacher.record:  # a shared file names the weights file, not where it lay
-        extra["teacher_weights"] = Path(teacher.record["teacher_weights"]).name
-        extra["teacher_weights_sha256"] = teacher.record["teacher_weights_sha256"]
+    extra = teacher.shared_record()
     return CMatrix.from_probs(
         probs, class_names=data.class_names, alpha=alpha, source="posthoc", dataset=data.name,
         teacher_model=teacher.model, teacher_top1=teacher.top1, extra=extra,

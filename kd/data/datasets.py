@@ -60,16 +60,22 @@ _TORCHVISION = {
 
 @dataclass
 class InMemorySplit:
-    """A whole split decoded once: uint8 images (N x C x H x W, contiguous) and int64 labels (N)."""
+    """A whole split decoded once: uint8 images (N x C x H x W, contiguous) and int64 labels (N).
+
+    `names` name the samples (see `sample_names`); None means their positions, "0".."N-1".
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
+    names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be uint8 N x C x H x W, got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must be int64 of length {self.images.shape[0]}, got {self.labels.dtype} {tuple(self.labels.shape)}")
+        if self.names is not None and len(self.names) != len(self.labels):
+            raise ValueError(f"{len(self.names)} sample names for {len(self.labels)} samples")
         self.images = self.images.contiguous()
 
     def __len__(self) -> int:
@@ -107,6 +113,19 @@ class ImageDataset:
             f"{self.channels}x{self.image_size}x{self.image_size}, {where}"
             + (f", {self.skipped_images} unreadable images skipped" if self.skipped_images else "")
         )
+
+
+def sample_names(split: InMemorySplit | Dataset) -> list[str]:
+    """What names each sample of a split, in order, so a file about samples (stored soft labels) can find them.
+
+    An ImageFolder image is named by its path relative to its split's folder ("cat/0001.jpg");
+    a sample of a built-in dataset by its position in the dataset's split ("0".."N-1"). The
+    selections of `kd.data.splits` keep the names of the samples they keep.
+    """
+    if isinstance(split, InMemorySplit):
+        return list(split.names) if split.names is not None else [str(i) for i in range(len(split))]
+    root = str(split.root)
+    return [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in split.samples]
 
 
 def load_dataset(
@@ -208,8 +227,8 @@ def _resize_in_memory(dataset: ImageDataset, size: int, max_bytes: int) -> Image
             f"{dataset.name} resized to {size}x{size} needs {total / 2**30:.1f} GiB in memory, over the "
             f"{max_bytes / 2**30:.1f} GiB limit; use a smaller --image-size"
         )
-    train = InMemorySplit(_resize_images(dataset.train.images, size), dataset.train.labels)
-    test = InMemorySplit(_resize_images(dataset.test.images, size), dataset.test.labels)
+    train = InMemorySplit(_resize_images(dataset.train.images, size), dataset.train.labels, dataset.train.names)
+    test = InMemorySplit(_resize_images(dataset.test.images, size), dataset.test.labels, dataset.test.names)
     return _in_memory_dataset(dataset.name, dataset.class_names, train, test, dataset.default_augment)
 
 
@@ -284,7 +303,10 @@ def _load_imagefolder(
 ) -> ImageDataset:
     folder = read_imagefolder(data_dir, image_size, max_bytes, skip_bad_images)
     if folder.decoded is not None:
-        train, test = (InMemorySplit(images, labels) for images, labels in folder.decoded.values())
+        train, test = (
+            InMemorySplit(images, labels, tuple(os.path.relpath(path, split_dir).replace(os.sep, "/") for path, _ in samples))
+            for (images, labels), (split_dir, samples) in zip(folder.decoded.values(), folder.splits.values())
+        )
         dataset = _in_memory_dataset(folder.name, folder.class_names, train, test, default_augment("imagefolder"))
     else:
         dataset = _streaming_dataset(folder, skip_bad_images)

@@ -121,7 +121,9 @@ class _EpochOrder(Sampler):
 
 
 class DeviceBatches:
-    """Iterable over (normalised float images, targets, valid mask) batches on `device`.
+    """Iterable over (normalised float images, targets, valid mask, sample indices) batches on `device`.
+
+    The sample indices are the batch's positions in the split (stored soft labels are looked up by them).
 
     `training=True` (the default for the train split): shuffled each epoch (call
     `set_epoch`), augmented by `augment` (None: the dataset's `default_augment` with default
@@ -245,7 +247,7 @@ class DeviceBatches:
         self._loader = None  # stops its workers now, not whenever a garbage collection gets to them
         raise failure
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         indices, valid = self._indices()
         if self.train:
             # Whole batches only (a batch of 1 breaks BatchNorm); the epoch's shuffle moves the
@@ -255,7 +257,7 @@ class DeviceBatches:
         first = self.start_batch * self.batch_size
         last = None if self.stop_batch is None else self.stop_batch * self.batch_size
         indices, valid = indices[first:last], valid[first:last]
-        valid = valid.to(self.device)
+        valid, positions = valid.to(self.device), indices.to(self.device)
         for batch_number, (images, labels) in enumerate(self._uint8_batches(indices)):
             start = batch_number * self.batch_size
             targets = labels
@@ -263,4 +265,4 @@ class DeviceBatches:
                 images, targets = self.augment(images, labels)
             else:
                 images = self.normalize(images)
-            yield images, targets, valid[start : start + len(labels)]
+            yield images, targets, valid[start : start + len(labels)], positions[start : start + len(labels)]

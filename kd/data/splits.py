@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from torch.utils.data import Dataset
 
-from kd.data.datasets import ImageDataset, InMemorySplit
+from kd.data.datasets import ImageDataset, InMemorySplit, sample_names
 from kd.errors import KDError
 
 # A stream apart from `train_per_class`'s, so --train-per-class and --val-split pick independently.
@@ -27,7 +27,8 @@ def _train_labels(data: ImageDataset) -> torch.Tensor:
 def _take(split: InMemorySplit | Dataset, index: torch.Tensor) -> InMemorySplit | Dataset:
     """The samples of `split` at `index` (in that order)."""
     if isinstance(split, InMemorySplit):
-        return InMemorySplit(split.images[index], split.labels[index])
+        names = sample_names(split)
+        return InMemorySplit(split.images[index], split.labels[index], tuple(names[i] for i in index.tolist()))
     return split.subset(index.tolist())
 
 

@@ -2,7 +2,8 @@
 
 * `kd.losses.functional` (its names are re-exported here): LS++ (the C-matrix from its
   K x (K-1) logits, the targets, the two terms and the `c_loss` variants), the proxy
-  teacher's targets and loss, (label-smoothed) soft-target cross-entropy and Hinton KD.
+  teacher's targets and loss, (label-smoothed) soft-target cross-entropy, Hinton KD (with
+  logit standardisation), decoupled KD (DKD) and DIST.
 * `kd.losses.modules`: `LSPPLoss` and `ProxyTeacherLoss`, `loss(logits, targets)` modules
   for any training loop (also `from kd import LSPPLoss, ProxyTeacherLoss`).
 
@@ -16,11 +17,25 @@ from typing import Any as _Any
 from kd.losses.functional import (
     C_LOSSES,
     DEFAULT_ALPHA,
+    DIST_CE_WEIGHT,
+    DIST_INTER_WEIGHT,
+    DIST_INTRA_WEIGHT,
+    DIST_TEMPERATURE,
+    DKD_CE_WEIGHT,
+    DKD_NCKD_WEIGHT,
+    DKD_TCKD_WEIGHT,
+    DKD_TEMPERATURE,
+    DKD_WARMUP_EPOCHS,
     KD_CE_WEIGHT,
     KD_TEMPERATURE,
     KD_WEIGHT,
     cmatrix_from_logits,
     cross_entropy,
+    dist_loss,
+    dist_terms,
+    dkd_loss,
+    dkd_terms,
+    dkd_warmup,
     hinton_loss,
     hinton_terms,
     insert_diagonal,
@@ -33,15 +48,19 @@ from kd.losses.functional import (
     proxy_loss,
     remove_diagonal,
     soft_target_cross_entropy,
+    standardize_logits,
 )
 
 _MODULES = ("LSPPLoss", "ProxyTeacherLoss")
 
 __all__ = [
-    "C_LOSSES", "DEFAULT_ALPHA", "KD_CE_WEIGHT", "KD_TEMPERATURE", "KD_WEIGHT", *_MODULES,
-    "cmatrix_from_logits", "cross_entropy", "hinton_loss", "hinton_terms", "insert_diagonal", "log_cmatrix_from_logits",
+    "C_LOSSES", "DEFAULT_ALPHA", "DIST_CE_WEIGHT", "DIST_INTER_WEIGHT", "DIST_INTRA_WEIGHT", "DIST_TEMPERATURE",
+    "DKD_CE_WEIGHT", "DKD_NCKD_WEIGHT", "DKD_TCKD_WEIGHT", "DKD_TEMPERATURE", "DKD_WARMUP_EPOCHS",
+    "KD_CE_WEIGHT", "KD_TEMPERATURE", "KD_WEIGHT", *_MODULES,
+    "cmatrix_from_logits", "cross_entropy", "dist_loss", "dist_terms", "dkd_loss", "dkd_terms", "dkd_warmup",
+    "hinton_loss", "hinton_terms", "insert_diagonal", "log_cmatrix_from_logits",
     "log_targets", "log_targets_from_logits", "lspp_loss", "lspp_terms", "mix_targets", "proxy_loss", "remove_diagonal",
-    "soft_target_cross_entropy",
+    "soft_target_cross_entropy", "standardize_logits",
 ]
 
 

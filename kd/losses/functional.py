@@ -272,16 +272,33 @@ def lspp_loss(net_logits: torch.Tensor, labels: torch.Tensor, c_logits: torch.Te
 KD_TEMPERATURE, KD_WEIGHT, KD_CE_WEIGHT = 4.0, 0.9, 0.1
 
 
-def hinton_terms(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardisation (Sun et al., CVPR 2024): each row z-scored, (z - mean) / (eps + std).
+
+    The std is the unbiased one (Bessel's correction), with eps added to it, as in the authors'
+    code; the paper writes the population std. The difference is a factor sqrt(K / (K-1)) on
+    the logits, i.e. on the temperature.
+    """
+    logits = logits.float()
+    return (logits - logits.mean(dim=1, keepdim=True)) / (eps + logits.std(dim=1, keepdim=True))
+
+
+def hinton_terms(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                 logit_std: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE(s, y), KL(softmax(t / T) || softmax(s / T))), batch means in float32 even under mixed precision.
 
     `targets` are class indices (N,) or label distributions (N, K) (soft cross-entropy then).
+    With `logit_std` the KL term sees `standardize_logits` of both (the cross-entropy the raw logits).
     """
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        student = student_logits.float()
+        student, teacher = student_logits.float(), teacher_logits.float()
+        if logit_std:
+            student_kl, teacher = standardize_logits(student), standardize_logits(teacher)
+        else:
+            student_kl = student
         kl = F.kl_div(
-            F.log_softmax(student / temperature, dim=1),
-            F.log_softmax(teacher_logits.float() / temperature, dim=1),
+            F.log_softmax(student_kl / temperature, dim=1),
+            F.log_softmax(teacher / temperature, dim=1),
             reduction="batchmean",
             log_target=True,
         )
@@ -295,11 +312,126 @@ def hinton_loss(
     temperature: float = KD_TEMPERATURE,
     kd_weight: float = KD_WEIGHT,
     ce_weight: float = KD_CE_WEIGHT,
+    logit_std: bool = False,
 ) -> dict[str, torch.Tensor]:
     """`{"loss": ce_weight * CE(s, y) + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T)), "ce": ..., "kl": ...}`.
 
     The weights are named explicitly because torchdistill's and RepDistiller's "alpha" mean
-    opposite things.
+    opposite things. `logit_std`: see `hinton_terms`.
     """
-    ce, kl = hinton_terms(student_logits, targets, teacher_logits, temperature)
+    ce, kl = hinton_terms(student_logits, targets, teacher_logits, temperature, logit_std)
     return {"loss": ce_weight * ce + kd_weight * temperature * temperature * kl, "ce": ce, "kl": kl}
+
+
+# ----------------------------------------------------------------------------- decoupled KD (Zhao et al., CVPR 2022)
+
+# DKD defaults, mdistiller's (`CFG.DKD`, its CIFAR-100 values): temperature, weight of the
+# cross-entropy with the labels, alpha (TCKD), beta (NCKD), warm-up epochs.
+DKD_TEMPERATURE, DKD_CE_WEIGHT, DKD_TCKD_WEIGHT, DKD_NCKD_WEIGHT, DKD_WARMUP_EPOCHS = 4.0, 1.0, 1.0, 8.0, 20
+
+
+def _decoupled_log_probs(scaled: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log [p_y, 1 - p_y] (N, 2), log-softmax over the K-1 non-target classes (N, K-1)) of logits / T.
+
+    The target is left out exactly (its column is not gathered), and 1 - p_y is the logsumexp of
+    the non-target logits against the target's, so p_y = 1 in float32 gives a finite log(1 - p_y).
+    """
+    others = torch.arange(scaled.shape[1] - 1, device=labels.device)
+    columns = others + (others >= labels[:, None]).long()  # every column but y
+    rest = scaled.gather(1, columns)
+    binary = torch.cat([scaled.gather(1, labels[:, None]), torch.logsumexp(rest, dim=1, keepdim=True)], dim=1)
+    return F.log_softmax(binary, dim=1), F.log_softmax(rest, dim=1)
+
+
+def dkd_terms(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+              logit_std: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE(s, y), TCKD, NCKD), batch means in float32 even under mixed precision; `labels` are class indices.
+
+    TCKD = T^2 KL(b_t || b_s) with b = [p_y, 1 - p_y], p = softmax(z / T); NCKD = T^2 KL(p_hat_t || p_hat_s)
+    with p_hat the softmax over the non-target classes only. Both include the T^2 factor, as in the
+    authors' code (the paper's equation has none). With `logit_std` both terms see
+    `standardize_logits` of both networks (the cross-entropy the raw logits).
+    """
+    labels = labels.long()
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        student, teacher = student_logits.float(), teacher_logits.float()
+        student_kd = standardize_logits(student) if logit_std else student
+        teacher_kd = standardize_logits(teacher) if logit_std else teacher
+        binary_s, rest_s = _decoupled_log_probs(student_kd / temperature, labels)
+        binary_t, rest_t = _decoupled_log_probs(teacher_kd / temperature, labels)
+        scale = temperature * temperature
+        tckd = scale * F.kl_div(binary_s, binary_t, reduction="batchmean", log_target=True)
+        nckd = scale * F.kl_div(rest_s, rest_t, reduction="batchmean", log_target=True)
+    return cross_entropy(student, labels), tckd, nckd
+
+
+def dkd_warmup(epoch: int, warmup_epochs: int) -> float:
+    """DKD's warm-up factor min(e / W, 1) with mdistiller's 1-based epoch e = `epoch` + 1 (`epoch` is 0-based); 1 if W = 0."""
+    return 1.0 if warmup_epochs <= 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = DKD_TEMPERATURE,
+    tckd_weight: float = DKD_TCKD_WEIGHT,
+    nckd_weight: float = DKD_NCKD_WEIGHT,
+    ce_weight: float = DKD_CE_WEIGHT,
+    logit_std: bool = False,
+    warmup: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """`{"loss": ce_weight * CE + warmup * (tckd_weight * TCKD + nckd_weight * NCKD), "ce", "tckd", "nckd"}`.
+
+    The parts are unweighted (TCKD and NCKD with their T^2, see `dkd_terms`); `warmup` is
+    `dkd_warmup(epoch, warmup_epochs)`.
+    """
+    ce, tckd, nckd = dkd_terms(student_logits, labels, teacher_logits, temperature, logit_std)
+    return {"loss": ce_weight * ce + warmup * (tckd_weight * tckd + nckd_weight * nckd), "ce": ce, "tckd": tckd, "nckd": nckd}
+
+
+# ----------------------------------------------------------------------------- DIST (Huang et al., NeurIPS 2022)
+
+# DIST defaults, the authors' CIFAR-100 values: temperature tau, weight of the cross-entropy with
+# the labels, beta (inter-class relation), gamma (intra-class relation).
+DIST_TEMPERATURE, DIST_CE_WEIGHT, DIST_INTER_WEIGHT, DIST_INTRA_WEIGHT = 4.0, 1.0, 2.0, 2.0
+
+
+def _row_pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of `a` with the same row of `b`: the cosine of the centred rows, eps as in the authors' code."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inter, intra) in float32: 1 - the mean Pearson correlation of y_s and y_t = softmax(z / tau), per sample and per class.
+
+    `inter` correlates each sample's row (over the classes), `intra` each class's column (over
+    the batch). A batch of one gives intra = 1 (a one-entry column centred is zero, its
+    correlation 0) and no gradient through it.
+    """
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        y_s = F.softmax(student_logits.float() / temperature, dim=1)
+        y_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+        return 1.0 - _row_pearson(y_s, y_t).mean(), 1.0 - _row_pearson(y_s.T, y_t.T).mean()
+
+
+def dist_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = DIST_TEMPERATURE,
+    inter_weight: float = DIST_INTER_WEIGHT,
+    intra_weight: float = DIST_INTRA_WEIGHT,
+    ce_weight: float = DIST_CE_WEIGHT,
+) -> dict[str, torch.Tensor]:
+    """`{"loss": ce_weight * CE(s, y) + tau^2 * (inter_weight * inter + intra_weight * intra), "ce", "inter", "intra"}`.
+
+    `targets` are class indices (N,) or label distributions (N, K); the parts are unweighted
+    (`inter` and `intra` without tau^2, see `dist_terms`).
+    """
+    inter, intra = dist_terms(student_logits, teacher_logits, temperature)
+    ce = cross_entropy(student_logits, targets)
+    kd = temperature * temperature * (inter_weight * inter + intra_weight * intra)
+    return {"loss": ce_weight * ce + kd, "ce": ce, "inter": inter, "intra": intra}

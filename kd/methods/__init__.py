@@ -25,6 +25,8 @@ REGISTRY: dict[str, str] = {
     "mbls": "kd.methods.mbls:MarginLS",
     "proxy": "kd.methods.proxy:Proxy",
     "kd": "kd.methods.hinton:HintonKD",
+    "dkd": "kd.methods.dkd:DecoupledKD",
+    "dist": "kd.methods.dist:DIST",
 }
 
 __all__ = [

@@ -50,9 +50,11 @@ class Param:
             raise KDError(f"{self.flag} must be {self.rule}, got {value}")
 
 
-def weights_not_both_zero(params: dict[str, Any], first: str, second: str) -> None:
-    if params[first] == 0 and params[second] == 0:
-        raise KDError(f"--{first.replace('_', '-')} and --{second.replace('_', '-')} must not both be 0")
+def weights_not_all_zero(params: dict[str, Any], *names: str) -> None:
+    """A one-line `KDError` when every one of the named loss weights is 0 (nothing to train)."""
+    if all(params[name] == 0 for name in names):
+        flags = [f"--{name.replace('_', '-')}" for name in names]
+        raise KDError(f"{', '.join(flags[:-1])} and {flags[-1]} must not {'both' if len(flags) == 2 else 'all'} be 0")
 
 
 def fraction(name: str, default: float | None, help: str) -> Param:
@@ -89,6 +91,7 @@ class StepContext:
     total_steps: int
     steps_per_epoch: int
     images: torch.Tensor | None = None  # the batch the network saw (a KD teacher runs on it)
+    indices: torch.Tensor | None = None  # the batch's sample indices into the training split (stored soft labels)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kd.cmatrix.artifact import CMatrix, save_cmatrix
 from kd.methods.base import (
-    EpochContext, ExportInfo, Method, Setup, StepContext, float32, hard_labels, non_negative, weights_not_both_zero,
+    EpochContext, ExportInfo, Method, Setup, StepContext, float32, hard_labels, non_negative, weights_not_all_zero,
 )
 from kd.training.rundir import CMATRIX_FILE
 
@@ -42,7 +42,7 @@ class OLS(Method):
 
     @classmethod
     def check_params(cls, params: dict) -> None:
-        weights_not_both_zero(params, "ce_weight", "soft_weight")
+        weights_not_all_zero(params, "ce_weight", "soft_weight")
 
     def __init__(self, setup: Setup) -> None:
         super().__init__(setup)

@@ -68,6 +68,13 @@ class Teacher:
     alpha: float | None = None  # the LS++ / LS mass it was trained with, if any
     record: dict[str, Any] = field(default_factory=dict)  # config.json / C-matrix provenance
 
+    def shared_record(self) -> dict[str, str]:
+        """What a shared file (a C-matrix, soft labels) records of the weights: the file's name and SHA-256, not where it lay."""
+        if "teacher_weights" not in self.record:
+            return {}
+        return {"teacher_weights": Path(self.record["teacher_weights"]).name,
+                "teacher_weights_sha256": self.record["teacher_weights_sha256"]}
+
 
 # ---------------------------------------------------------------------------------------------
 # a run directory's teacher

@@ -32,7 +32,7 @@ def predict(net: nn.Module, data: ImageDataset, split: str, batch_size: int,
     net.to(device).eval()
     all_logits, all_labels, all_valid = [], [], []
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-        for images, labels, valid in batches:
+        for images, labels, valid, _ in batches:
             all_logits.append(net(images).float())
             all_labels.append(labels)
             all_valid.append(valid)

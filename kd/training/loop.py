@@ -162,8 +162,9 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
             # This process's per-part loss sums over the epoch's micro-batches (a resumed epoch continues its own).
             sums, count = (state.own_part_sums(accelerator.device), state.epoch_batches) if epoch == first_epoch else ({}, 0)
             clock.start()  # training time leaves out checkpoints and validation
-            for images, targets, _ in batches:
-                context = StepContext(epoch=epoch, step=state.step, total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch)
+            for images, targets, _, indices in batches:
+                context = StepContext(epoch=epoch, step=state.step, total_steps=plan.total_steps,
+                                      steps_per_epoch=plan.steps_per_epoch, indices=indices)
                 with accelerator.accumulate(module):
                     parts = module(images, targets, context)
                     accelerator.backward(parts["loss"])  # divides by the accumulation steps

@@ -44,7 +44,7 @@ from kd.training.settings import augment_params, check_settings, recorded, resum
 # (the declared settings say for themselves whether `--resume` compares them).
 DERIVED_RESUME_KEYS = (
     "stage", "dataset_name", "num_classes", "class_names", "in_channels", "method", "mode", "teacher_weights_sha256",
-    "augment_options", "world_size", "data_fingerprint",
+    "soft_labels_sha256", "augment_options", "world_size", "data_fingerprint",
 )
 
 
@@ -98,7 +98,7 @@ def augment_options(settings: Any, method_cls: type[Method]) -> AugmentOptions:
 
 def dry_forward(net: nn.Module, data: ImageDataset, model: str) -> None:
     """Run the network on two training images: a model that cannot take the data fails here, in one line."""
-    images, _, _ = next(iter(DeviceBatches(data, "train", min(2, len(data.train)), torch.device("cpu"), training=False, num_workers=0)))
+    images, _, _, _ = next(iter(DeviceBatches(data, "train", min(2, len(data.train)), torch.device("cpu"), training=False, num_workers=0)))
     net.eval()
     try:
         with torch.no_grad():
@@ -152,6 +152,7 @@ def _prepare(stage: str, settings: Any, method_cls: type[Method], accelerator: A
     with accelerator.main_process_first():  # --download: one process fetches, the others then read
         data = load_dataset(settings.dataset, settings.data_dir, download=settings.download, image_size=settings.image_size,
                             skip_bad_images=settings.skip_bad_images)
+    whole_data = data_fingerprint(data, settings.dataset, settings.data_dir)  # before any selection
     if settings.train_per_class is not None:
         data = train_per_class(data, settings.train_per_class, settings.seed)
     if settings.val_split is not None:
@@ -163,7 +164,7 @@ def _prepare(stage: str, settings: Any, method_cls: type[Method], accelerator: A
     # The student is built before the method so a teacher's construction does not shift the
     # random stream: the same seed gives the same initial student with every method.
     net = build_model(settings.model, data.num_classes, data.channels, data.image_size)
-    return Run(stage, settings, accelerator, out, augment, data, net, lock=lock)
+    return Run(stage, settings, accelerator, out, augment, data, net, whole_data_fingerprint=whole_data, lock=lock)
 
 
 @dataclass
@@ -178,6 +179,7 @@ class Run:
     data: ImageDataset
     net: nn.Module
     extra_config: dict[str, Any] = field(default_factory=dict)  # the stage's own config.json keys
+    whole_data_fingerprint: str = ""  # the dataset's before --train-per-class / --val-split (stored soft labels name it)
     lock: Any = None  # the main process's `OutLock` on --out, released when `train` ends
 
     def __enter__(self) -> Run:
@@ -214,6 +216,9 @@ class Run:
             accelerator.print(f"{data.describe()} | {self.stage} {settings.model} | {run_config.get('method', '')} -> {out}{staged}")
         if settings.log_with:
             _start_trackers(accelerator, work, run_config)
+        # Training's own random stream (dropout) starts from the seed whatever building the method
+        # drew (a teacher network's initialisation): live KD and stored soft labels, say, see the same masks.
+        set_seed(settings.seed)
         try:
             result = fit(TrainModule(self.net, method), data, settings, accelerator,
                          run_dir=work, resume_from=resume_from, augment=self.augment, desc=self.stage)
