@@ -6,6 +6,7 @@
     python benchmarks/paper_cifar10.py fig3                     # Figure 3: the learned C-matrix (needs table3 small, lspp, seed 0)
     python benchmarks/paper_cifar10.py table5                   # Table 5 / Figure 6: the C-loss ablation, small data
     python benchmarks/paper_cifar10.py table6                   # Table 6: students of AlexNet teachers, small data
+    python benchmarks/paper_cifar10.py table6kd                 # Table 6 extended: per-sample KD of the field, stored soft labels
     python benchmarks/paper_cifar10.py table7                   # Table 7: with cutout / mixup / cutmix / randaugment, small data
     python benchmarks/paper_cifar10.py all                      # everything above, in that order
     python benchmarks/paper_cifar10.py readme                   # the tables in the README and docs, from the results files
@@ -36,6 +37,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -55,8 +57,10 @@ AUGMENTS = {"cutout": "crop,flip,cutout", "mixup": "crop,flip,mixup", "cutmix": 
 ALL_SEEDS = (0, 1, 2)  # tables show every finished run of these; --seeds says which may be trained now
 ARGS: argparse.Namespace  # the command line, set by main()
 FIRST_COLUMN = {"table3_small": "method", "table3_full": "method", "table3_paper": "method", "table5": "--c-loss",
-                "table6": "student (LeNet, 62k params)", "table7": "method + augmentation"}
+                "table6": "student (LeNet, 62k params)", "table6kd": "student (LeNet) of the 1-hot AlexNet", "table7": "method + augmentation"}
 README = ROOT / "README.md"
+# Tables whose every run trained alone on the machine: the docs show their train-time column.
+QUIET_SITTINGS = ("table6kd",)
 
 
 def documents(root: Path = ROOT) -> list[Path]:
@@ -99,6 +103,17 @@ class Runner:
             print(f"  failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}", flush=True)
         return result.returncode == 0
 
+    def once(self, argv: list[str], timed: Path | None = None) -> bool:
+        """A `kd` command that makes a file (a C-matrix, soft labels); `timed`: a JSON file for its wall-clock seconds."""
+        print("$ kd " + " ".join(argv), flush=True)
+        started = time.perf_counter()
+        result = run_in_process(argv) if self.args.smoke else subprocess.run([KD, *argv], stdout=subprocess.DEVNULL)
+        if result.returncode != 0:
+            print("  failed: kd " + " ".join(argv), flush=True)
+        elif timed is not None:
+            write_text_atomic(timed, json.dumps({"command": "kd " + " ".join(argv), "seconds": time.perf_counter() - started}) + "\n")
+        return result.returncode == 0
+
     def teacher(self, regime: str, method: str, seed: int, extra: tuple[str, ...] = (), tag: str = "",
                 train: bool = True) -> tuple[Path, dict | None]:
         out = self.args.runs_dir / f"{regime}" / f"{method}{tag}-s{seed}"
@@ -128,8 +143,9 @@ def table_command(name: str) -> str:
 
 
 def readme_blocks(results: Path) -> dict[str, str]:
-    """The README's and docs' copy of each table, made from its results file (without the train-time column:
-    those times were taken while other work shared the cores); for a table not run yet, its command."""
+    """The README's and docs' copy of each table, made from its results file (without the train-time column,
+    but for the tables of `QUIET_SITTINGS`: the others' times were taken while other work shared the cores);
+    for a table not run yet, its command."""
     blocks = {}
     for name, first in FIRST_COLUMN.items():
         path = results / f"paper_{name}.json"
@@ -137,7 +153,7 @@ def readme_blocks(results: Path) -> dict[str, str]:
             blocks[name] = f"\nNot run yet: `{table_command(name)}`.\n"
             continue
         data = json.loads(path.read_text())
-        lines = markdown_table(data["rows"], first, COLUMNS[:-1])
+        lines = markdown_table(data["rows"], first, COLUMNS if name in QUIET_SITTINGS else COLUMNS[:-1])
         if name == "table5":
             lines += ["", *entropy_table(data["entropy"])]
         blocks[name] = "\n".join(["", *lines, ""])  # blank lines: the markers are not part of the table
@@ -228,9 +244,7 @@ def table6(runner: Runner) -> None:
         posthoc = runner.args.runs_dir / "small" / f"posthoc-onehot-s{seed}.safetensors"
         if not posthoc.exists() and (teachers["onehot"] / "metrics.json").exists() and runner.trains:
             # Over the teacher's own training images (the run's --train-per-class subset).
-            argv = ["cmatrix", "from-teacher", str(teachers["onehot"]), "--out", str(posthoc)]
-            if (run_in_process(argv) if runner.args.smoke else subprocess.run([KD, *argv])).returncode != 0:
-                print("  failed: kd " + " ".join(argv), flush=True)
+            runner.once(["cmatrix", "from-teacher", str(teachers["onehot"]), "--out", str(posthoc)])
         students = {  # slug: (row name, what it is given)
             "kd-onehot": ("KD from 1-hot AlexNet", ["--teacher", teachers["onehot"]]),
             "kd-ls": ("KD from LS AlexNet", ["--teacher", teachers["ls"]]),
@@ -250,6 +264,50 @@ def table6(runner: Runner) -> None:
                 rows[name].append(table_metrics(metrics))
     write("table6", "Table 6: the paper's LeNet taught by AlexNet teachers (CIFAR-10, small data)",
           markdown_table(rows, FIRST_COLUMN["table6"]), {"rows": rows})
+
+# Table 6 extended: every student learns from the same seed-matched 1-hot AlexNet (the usual KD
+# teacher), by what it is given. slug: (row, method flags, source: None, "proxy", "stored" or "live").
+TABLE6KD_ROWS = {
+    "plain": ("plain 1-hot (no teacher)", [], None),
+    "proxy-posthoc": ("proxy: post-hoc C-matrix of the teacher", [], "proxy"),
+    "stored-kd": ("KD from stored soft labels (one teacher pass)", ["--method", "kd"], "stored"),
+    "kd": ("KD (Hinton), live teacher", ["--method", "kd"], "live"),
+    "kd-logit-std": ("KD + logit standardisation (T 2, kd weight 9)", ["--method", "kd", "--logit-std", "--temperature", "2", "--kd-weight", "9"], "live"),
+    "dkd": ("DKD (T 4, alpha 1, beta 8, warm-up 20 epochs)", ["--method", "dkd"], "live"),
+    "dist": ("DIST (tau 4, beta = gamma = 2)", ["--method", "dist"], "live"),
+}
+
+
+def table6kd(runner: Runner) -> None:
+    """The field's per-sample KD and stored soft labels beside the proxy teacher, from one teacher per seed.
+
+    The stored row's time adds the teacher's one pass (`kd soft-labels`, wall clock with start-up).
+    """
+    rows: dict[str, list[dict]] = {}
+    for seed in ALL_SEEDS:
+        teacher, _ = runner.teacher("small", "onehot", seed)
+        files = runner.args.runs_dir / "small"
+        posthoc, stored = files / f"posthoc-onehot-s{seed}.safetensors", files / f"soft-labels-onehot-s{seed}.safetensors"
+        if (teacher / "metrics.json").exists() and runner.trains and seed in runner.args.seeds:
+            if not posthoc.exists():  # over the teacher's own training images (the run's --train-per-class subset)
+                runner.once(["cmatrix", "from-teacher", str(teacher), "--out", str(posthoc)])
+            if not stored.exists():
+                runner.once(["soft-labels", str(teacher), "--out", str(stored)], timed=stored.with_suffix(".json"))
+        sources = {None: [], "proxy": ["--proxy", posthoc], "stored": ["--soft-labels", stored], "live": ["--teacher", teacher]}
+        for slug, (name, flags, source) in TABLE6KD_ROWS.items():
+            rows.setdefault(name, [])
+            given = sources[source]
+            if given and not Path(given[1]).exists():
+                continue  # its teacher failed
+            out = runner.args.runs_dir / "small-students-kd" / f"{slug}-s{seed}"
+            metrics = runner.run("distill", out, ["--model", "lenet", "--seed", str(seed), *REGIMES["small"], *flags, *map(str, given)], seed)
+            if metrics is None:
+                continue
+            if source == "stored" and stored.with_suffix(".json").exists():
+                metrics = {**metrics, "train_seconds": metrics["train_seconds"] + json.loads(stored.with_suffix(".json").read_text())["seconds"]}
+            rows[name].append(table_metrics(metrics))
+    write("table6kd", "Table 6 extended: the LeNet student of a 1-hot AlexNet by what it is given (CIFAR-10, small data)",
+          markdown_table(rows, FIRST_COLUMN["table6kd"]), {"rows": rows})
 
 
 def table7(runner: Runner) -> None:
@@ -277,7 +335,7 @@ def sitting(runner: Runner, table: Callable[..., None], *args: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["table3", "fig3", "table5", "table6", "table7", "all", "readme"])
+    parser.add_argument("experiment", choices=["table3", "fig3", "table5", "table6", "table6kd", "table7", "all", "readme"])
     parser.add_argument("--regime", choices=list(REGIMES), default="small")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(ALL_SEEDS), help="the seeds to train now (of 0 1 2)")
     parser.add_argument("--methods", nargs="+", help=f"table3: the methods to train now (default: {' '.join(TABLE3_METHODS)})")
@@ -308,6 +366,8 @@ def main() -> None:
         sitting(runner, table5)
     if args.experiment in ("table6", "all"):
         sitting(runner, table6)
+    if args.experiment in ("table6kd", "all"):
+        sitting(runner, table6kd)
     if args.experiment in ("table7", "all"):
         sitting(runner, table7)
 

@@ -21,7 +21,7 @@ COMMANDS = {
                 ("Train a student: from a proxy C-matrix (--proxy), a teacher network (--teacher RUN_DIR, or a "
                  "pretrained --teacher-model NAME with --teacher-weights FILE), or plain labels.")),
     "soft-labels": ("lspp_kd.cli.soft_label_commands:soft_labels_command",
-                    "Store a teacher's per-sample logits over a whole training split, for `kd distill --soft-labels FILE`."),
+                    "Store a teacher's per-sample logits over a training split, for `kd distill --soft-labels FILE`."),
     "cmatrix": ("lspp_kd.cli.cmatrix_commands:cmatrix_group", "Inspect, check and transform C-matrix files (cmatrix.safetensors)."),
     "methods": ("lspp_kd.cli.commands:methods_command", "List the training methods, the stages they serve and their parameters."),
     "compare": ("lspp_kd.cli.commands:compare_command", "Compare runs side by side: accuracy, calibration, time and memory."),

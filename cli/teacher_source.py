@@ -32,10 +32,10 @@ def teacher_source_options(what: str) -> Callable:
 
 def load_teacher_and_data(command: str, run_dir: str | None, teacher_model: str | None, teacher_weights: str | None,
                           teacher_image_size: int | None, teacher_classes: str | None, dataset: str | None,
-                          data_dir: str | None, whole: bool = False) -> tuple[Any, Any, str, str | None]:
+                          data_dir: str | None) -> tuple[Any, Any, str, str | None]:
     """(the `kd.models.pretrained.Teacher`, the data, the dataset's name, its directory).
 
-    A run's data is the run's splits, or with `whole` its dataset's whole training split.
+    A run's data is the run's own splits (its --train-per-class / --val-split selection, with its seed).
     """
     from kd.models.pretrained import check_pretrained_flags, load_pretrained_teacher, load_run_teacher
     from kd.training.run_data import load_run_data
@@ -45,7 +45,6 @@ def load_teacher_and_data(command: str, run_dir: str | None, teacher_model: str 
     check_pretrained_flags(teacher_model, teacher_weights, teacher_image_size, teacher_classes)
     if run_dir is not None:
         teacher, config = load_run_teacher(run_dir)
-        dataset = dataset or (config.get("dataset", "digits") if whole else None)
         data = load_run_data(run_dir, config, dataset, data_dir)
         return teacher, data, dataset or config.get("dataset", "digits"), data_dir or config.get("data_dir")
     from kd.data.datasets import load_dataset

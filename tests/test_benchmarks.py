@@ -77,9 +77,11 @@ def test_paper_experiments_runner_fills_every_table_and_skips_finished_runs(tmp_
     run_script("benchmarks/paper_cifar10.py", "all", "--methods", "onehot", *args)
     again = json.loads((tmp_path / "paper_table3_small.json").read_text())
     assert again["rows"]["lspp"] == first["rows"]["lspp"]  # skipped, not re-trained
-    for name in ("fig3", "table5", "table6", "table7"):
+    for name in ("fig3", "table5", "table6", "table6kd", "table7"):
         assert (tmp_path / f"paper_{name}.md").exists(), name
     assert len(json.loads((tmp_path / "paper_table6.json").read_text())["rows"]["proxy: OLS matrix"]) == 1
+    extended = json.loads((tmp_path / "paper_table6kd.json").read_text())["rows"]
+    assert all(len(runs) == 1 for runs in extended.values()), extended  # every row, the stored soft labels' too
     assert (tmp_path / "images" / "fig3_cifar10_lspp_cmatrix.png").exists()
     rows = json.loads((tmp_path / "paper_table7.json").read_text())["rows"]
     runs = sorted(p.name for p in (tmp_path / "runs").rglob("*") if p.is_dir())

@@ -124,7 +124,7 @@ def test_streamed_training_data_keeps_its_worker_processes_across_epochs():
     assert {int(pid) for _, pids, _, _ in batches for pid in pids}.isdisjoint(readers[0])  # new workers after close
     batches.close()
     in_process = DeviceBatches(data, "train", 4, torch.device("cpu"), num_workers=0)
-    assert {int(pid) for _, pids, _ in in_process for pid in pids} == {os.getpid()}
+    assert {int(pid) for _, pids, _, _ in in_process for pid in pids} == {os.getpid()}
 
 
 def test_a_step_the_fp16_scaler_skips_does_not_advance_the_schedule(monkeypatch, fresh_accelerate_state):

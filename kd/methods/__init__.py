@@ -128,7 +128,7 @@ def methods_markdown() -> str:
         cls = get_method(name)
         stages = " and ".join(cls.stages)
         if cls.needs is not None:
-            stages += f" (needs {'--teacher RUN_DIR or --teacher-model' if cls.needs == 'teacher' else '--proxy FILE'})"
+            stages += f" (needs {'--teacher RUN_DIR, --teacher-model or --soft-labels FILE' if cls.needs == 'teacher' else '--proxy FILE'})"
         params = ", ".join(f"`{p.flag}` {format_default(p.default)}" for p in cls.params) or "none"
         lines.append(f"| `{name}` | {stages} | {cls.summary} | {params} | {'yes' if cls.soft_targets else 'no'} |")
     return "\n".join(lines) + "\n"
