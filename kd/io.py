@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,37 @@ class WriteError(KDError):
         self.reason = reason
 
 
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes free to this user under `folder` (None if the filesystem cannot say)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def failed_write(what: str, folder: str | os.PathLike, error: BaseException) -> KDError | None:
+    """The one-line error for a write that `error` stopped, or None if `error` is no failed write.
+
+    An OSError is one (no space left, a quota, a read-only filesystem, ...). The serializers
+    report theirs otherwise: torch's as a RuntimeError ("unexpected pos", "PytorchStreamWriter
+    failed"), safetensors' as a SafetensorError ("I/O error: No space left on device"); those
+    count when they say "No space left" or the filesystem has (nearly) no space left.
+    """
+    if isinstance(error, OSError):
+        return WriteError(Path(folder), f"{error.strerror or error} (writing {what})")
+    if not isinstance(error, Exception) or isinstance(error, KDError):
+        return None
+    free = free_bytes(folder)
+    if "No space left" in str(error) or (free is not None and free < _NEARLY_FULL):
+        left = f"; {free // 1024} KiB free" if free is not None else ""
+        return WriteError(Path(folder), f"No space left on device (writing {what}{left})")
+    return None
+
+
+# Below this many free bytes a failed write is put down to a full disk.
+_NEARLY_FULL = 1 << 20
+
+
 @contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success it is fsynced and renamed onto `final`.
@@ -62,8 +94,11 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        failure = failed_write(final.name, final.parent, error)
+        if failure is not None:
+            raise failure from None
         raise
 
 

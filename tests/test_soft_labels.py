@@ -146,12 +146,14 @@ def test_stored_soft_labels_train_the_student_live_kd_trains_without_augmentatio
     stored_file = tmp_path / "sl.safetensors"
     result = kd_in_process("soft-labels", str(teacher), "--out", str(stored_file))
     assert result.returncode == 0 and "1437 training samples (whole rows)" in result.stdout, result.stderr
-    for method in ("kd", "dkd", "dist"):
-        live = kd_in_process("distill", "--teacher", str(teacher), "--method", method, *STUDENT, "--out", str(tmp_path / f"live-{method}"))
-        stored = kd_in_process("distill", "--soft-labels", str(stored_file), "--method", method, *STUDENT,
-                               "--out", str(tmp_path / f"stored-{method}"))
+    for method in (["kd"], ["dkd"], ["dist"], ["kd", "--logit-std", "--temperature", "2", "--kd-weight", "9"]):
+        name = "-".join(method)
+        live = kd_in_process("distill", "--teacher", str(teacher), "--method", *method, *STUDENT, "--out", str(tmp_path / f"live{name}"))
+        stored = kd_in_process("distill", "--soft-labels", str(stored_file), "--method", *method, *STUDENT,
+                               "--out", str(tmp_path / f"stored{name}"))
         assert live.returncode == 0 and stored.returncode == 0, (live.stderr, stored.stderr)
-        (live_config, live_metrics), (config, metrics) = read_run(tmp_path / f"live-{method}"), read_run(tmp_path / f"stored-{method}")
+        (live_config, live_metrics), (config, metrics) = read_run(tmp_path / f"live{name}"), read_run(tmp_path / f"stored{name}")
+        assert config["method"] == live_config["method"] == method[0] and config.get("logit_std") == ("--logit-std" in method)
         for part, values in live_metrics["epoch_loss_parts"].items():
             assert metrics["epoch_loss_parts"][part] == pytest.approx(values, rel=1e-5, abs=1e-7), part
         assert config["mode"] == "stored" and config["soft_labels_teacher"] == "tiny_cnn"

@@ -33,7 +33,7 @@ from kd.training.evaluate import evaluate as split_metrics, sync_buffers
 from kd.training.guards import Guard, Interrupted, TrainingDiverged
 from kd.training.optim import WARMUP_FRACTION, Plan, build_optimizer, build_scheduler, optimizer_steps_per_epoch
 from kd.training.rundir import SUMMARY_FILE, write_summary
-from kd.training.state import TrainState
+from kd.training.state import TrainState, check_room_for_checkpoints
 
 if TYPE_CHECKING:
     from kd.training.settings import Settings
@@ -142,6 +142,8 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
     )
     method: Method = accelerator.unwrap_model(module).criterion
     checkpointing = run_dir is not None and bool(settings.checkpoint_every or settings.checkpoint_every_steps)
+    if checkpointing:  # every process: they all stop, not just the main one
+        check_room_for_checkpoints(run_dir, module)
     every_epochs, every_steps = settings.checkpoint_every, settings.checkpoint_every_steps
     accum = accelerator.gradient_accumulation_steps
     effective_batch = settings.batch_size * accum * accelerator.num_processes
@@ -152,7 +154,8 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
     if first_step:
         _write_summary(accelerator, run_dir, state.summary)  # drops any rows a killed run wrote after its last checkpoint
     first_epoch = plan.first_epoch(state.step)
-    with guard.stop_signals(), contextlib.closing(batches):  # closing: streamed data's DataLoader workers stop
+    # closing: streamed data's DataLoader workers stop; the bar ends its line, so an error is a line of its own
+    with guard.stop_signals(), contextlib.closing(batches), contextlib.closing(progress):
         for epoch in range(first_epoch, plan.epochs):
             done = state.step - epoch * plan.steps_per_epoch  # > 0 only when resuming mid-epoch
             batches.set_epoch(epoch, done * accum, plan.steps_in(epoch) * accum)
@@ -220,7 +223,6 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
                 guard.stop(signum, state.step)
             if last:
                 break
-    progress.close()
     metrics = _test_metrics(module, data, settings, accelerator, guard, state, evaluate)
     _add_test_metrics(accelerator, run_dir, state, metrics)
     return _result(accelerator, state, metrics, effective_batch, method.train_metrics(state.train_seconds - seconds_before),

@@ -17,7 +17,8 @@ from accelerate.utils import gather_object
 from kd.data.loader import DeviceBatches
 from kd.errors import KDError
 from kd.methods.base import Method
-from kd.training.rundir import checkpoint_name, commit_checkpoint, temporary_checkpoint_dir
+from kd.io import failed_write, free_bytes
+from kd.training.rundir import CHECKPOINTS_DIR, checkpoint_name, commit_checkpoint, latest_checkpoint, temporary_checkpoint_dir
 
 
 class TrainState:
@@ -113,14 +114,64 @@ class TrainState:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int) -> Path:
-    """`save_state` into a temporary directory on every process; the main process then renames it."""
+    """`save_state` into a temporary directory on every process; the main process then renames it.
+
+    A checkpoint that does not fit (the space the last one took is checked first) or whose write
+    fails (a full disk, a quota) is a one-line `KDError`; its temporary directory is removed and
+    the last complete checkpoint stays, for `--resume` once there is space.
+    """
     tmp = temporary_checkpoint_dir(run_dir, step)
+    _check_space(Path(run_dir), step)  # every process: they all stop, not just the main one
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # an unfinished save of the same step by a killed run
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    final = commit_checkpoint(tmp, step) if accelerator.is_main_process else tmp.parent / checkpoint_name(step)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        final = commit_checkpoint(tmp, step) if accelerator.is_main_process else tmp.parent / checkpoint_name(step)
+    except Exception as error:  # noqa: BLE001 - the serializers' own error types; anything else is re-raised
+        failure = failed_write(f"checkpoint {checkpoint_name(step)}", tmp.parent, error)
+        if failure is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KDError(f"{failure}{_resume_hint(Path(run_dir))}") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def check_room_for_checkpoints(run_dir: str | Path, module: torch.nn.Module) -> None:
+    """Before training: a one-line `KDError` when not even one checkpoint can fit in `run_dir`.
+
+    A checkpoint holds at least the weights and buffers and as much again of optimizer state
+    (SGD's momentum), so that is the least it needs; later checkpoints are checked against the
+    size of the last one (`save_checkpoint`).
+    """
+    need = 2 * sum(tensor.numel() * tensor.element_size() for tensor in module.state_dict().values())
+    free = free_bytes(run_dir)
+    if latest_checkpoint(run_dir) is None and free is not None and need > free:
+        raise KDError(f"no room for checkpoints in {Path(run_dir) / CHECKPOINTS_DIR}: each needs at least "
+                      f"{_size(need)}, {_size(free)} free; free some space or choose another --out")
+
+
+def _check_space(run_dir: Path, step: int) -> None:
+    """A one-line `KDError` before writing when the last checkpoint's size is not free any more."""
+    last = latest_checkpoint(run_dir)
+    free = free_bytes(run_dir)
+    if last is None or free is None:
+        return
+    size = sum(file.stat().st_size for file in last.rglob("*") if file.is_file())
+    if size > free:
+        raise KDError(f"cannot write checkpoint {checkpoint_name(step)} in {run_dir / CHECKPOINTS_DIR}: it needs about "
+                      f"{_size(size)} (the last one's size), {_size(free)} free{_resume_hint(run_dir)}")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count // 1024} KiB"
+
+
+def _resume_hint(run_dir: Path) -> str:
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        return "; no checkpoint is complete: free some space and run again with --overwrite"
+    return f"; {last.name} is complete: free some space and add --resume"
