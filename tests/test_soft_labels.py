@@ -153,7 +153,7 @@ def test_stored_soft_labels_train_the_student_live_kd_trains_without_augmentatio
                                "--out", str(tmp_path / f"stored{name}"))
         assert live.returncode == 0 and stored.returncode == 0, (live.stderr, stored.stderr)
         (live_config, live_metrics), (config, metrics) = read_run(tmp_path / f"live{name}"), read_run(tmp_path / f"stored{name}")
-        assert config["method"] == live_config["method"] == method[0] and config.get("logit_std") == ("--logit-std" in method)
+        assert config["method"] == live_config["method"] == method[0] and config.get("logit_std", False) == ("--logit-std" in method)
         for part, values in live_metrics["epoch_loss_parts"].items():
             assert metrics["epoch_loss_parts"][part] == pytest.approx(values, rel=1e-5, abs=1e-7), part
         assert config["mode"] == "stored" and config["soft_labels_teacher"] == "tiny_cnn"
