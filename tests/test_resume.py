@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from kd.data.datasets import load_dataset
+from kd.errors import KDError
 from kd.training.loop import TrainModule, fit, make_accelerator
 from kd.methods import build_method
 from kd.models.networks import build_model
@@ -129,10 +130,11 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monk
         return real_save_state(output_dir, **kwargs)
 
     monkeypatch.setattr(accelerator, "save_state", crash_on_second_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(KDError, match="disk full .writing checkpoint step-00000044.; step-00000022 is complete"):
         fit(module, data, settings, accelerator, run_dir=tmp_path, evaluate=False)
     first = tmp_path / "checkpoints" / "step-00000022"
     assert [p.name for p in list_checkpoints(tmp_path)] == [first.name]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]  # the partial save removed
     assert latest_checkpoint(tmp_path) == first
     assert len(load_file(str(first / "model.safetensors"))) > 0  # complete and loadable
     AcceleratorState._reset_state(reset_partial_state=True)
