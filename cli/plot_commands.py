@@ -70,6 +70,23 @@ def predict_test_split(net: nn.Module, data: ImageDataset, batch_size: int) -> t
     return predict(net, data, "test", batch_size)
 
 
+def read_summary_rows(run_dir: str | Path) -> list[dict[str, str]]:
+    """The rows of a run's summary.csv (one per epoch, validation columns filled where it ran); none
+    without the file (a run written by hand or before the file existed). Unreadable: a one-line KDError."""
+    import csv
+
+    from kd.training.rundir import SUMMARY_FILE
+
+    path = Path(run_dir) / SUMMARY_FILE
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            return list(csv.DictReader(file))
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise KDError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+
+
 @click.command("plot")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the figures (created if missing).")
@@ -81,27 +98,38 @@ def predict_test_split(net: nn.Module, data: ImageDataset, batch_size: int) -> t
 def plot_command(run_dir: str, out: str, overwrite: bool, bins: int, batch_size: int) -> None:
     """Draw a finished run's figures into --out.
 
-    curves.png: every per-epoch list of metrics.json (training loss and its parts, ...).
+    curves.png: every per-epoch list of metrics.json (training loss and its parts, ...) and, for a
+    run with --val-split, the validation top-1 and NLL at each epoch validation ran (summary.csv).
     reliability.png: the test split's reliability diagram, from predictions recomputed on the
     CPU with the run's model.safetensors and the dataset of its config.json. cmatrix.png: the
     run's cmatrix.safetensors, when it has one.
     """
     from kd.cmatrix.artifact import load_cmatrix
-    from kd.reports.plots import plot_cmatrix, plot_curves, plot_reliability
+    from kd.reports.plots import VALIDATION_PANELS, plot_cmatrix, plot_curves, plot_reliability, validation_series
     from kd.training.run_data import load_run_data
-    from kd.training.rundir import CMATRIX_FILE, METRICS_FILE, load_run_model, read_run_json
+    from kd.training.rundir import CMATRIX_FILE, METRICS_FILE, SUMMARY_FILE, load_run_model, read_run_json
 
     metrics = read_run_json(run_dir, METRICS_FILE, "did the run finish?")
+    summary = read_summary_rows(run_dir)
+    try:
+        validation = validation_series(summary)
+    except KDError as error:
+        raise KDError(f"{Path(run_dir) / SUMMARY_FILE}: {error}") from None
     cmatrix_file = Path(run_dir) / CMATRIX_FILE
     names = [CURVES_FILE, RELIABILITY_FILE] + ([CMATRIX_PNG] if cmatrix_file.is_file() else [])
     net, config = load_run_model(run_dir)
     target = _prepare_out_dir(out, names, overwrite)
 
     try:
-        plot_curves(metrics, target / CURVES_FILE)
+        plot_curves(metrics, target / CURVES_FILE, summary=summary)
     except KDError as error:
         raise KDError(f"{Path(run_dir) / METRICS_FILE}: {error}") from None
-    click.echo(f"wrote {target / CURVES_FILE}")
+    note = ""
+    if validation:
+        drawn = " and ".join(title for column, title, _ in VALIDATION_PANELS if column in validation)
+        evaluated = len({epoch for epochs, _ in validation.values() for epoch in epochs})
+        note = f" (with the {drawn} of {evaluated} evaluated epoch{'s' * (evaluated != 1)})"
+    click.echo(f"wrote {target / CURVES_FILE}{note}")
 
     data = load_run_data(run_dir, config)
     logits, labels = predict_test_split(net, data, batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -17,16 +18,26 @@ from lspp_kd.cli.plot_commands import plot_command
 from kd.cmatrix.artifact import CMatrix
 from kd.errors import KDError
 from kd.reports.metrics import classification_metrics
+from kd.reports import plots
 from kd.reports.plots import (
     DPI,
     calibration_bins,
+    curves_figure,
     epoch_series,
     plot_cmatrix,
     plot_curves,
     plot_reliability,
     sparse_bins,
+    validation_series,
 )
-from tests.helpers import assert_one_line_error, assert_one_line_kderror, hand_made_run, kd_in_process
+from tests.helpers import (
+    assert_one_line_error,
+    assert_one_line_kderror,
+    hand_made_run,
+    kd_in_process,
+    read_run,
+    read_summary,
+)
 
 
 def assert_png(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -164,6 +175,72 @@ def test_curves_of_a_single_epoch_and_of_nothing(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def panels_of(figure) -> dict[str, dict]:
+    """{title: {"ylabel", "xlim", "lines": [(x, y), ...]}} of a figure's visible panels, in order."""
+    return {
+        axes.get_title(): {
+            "ylabel": axes.get_ylabel(), "xlim": axes.get_xlim(),
+            "lines": [(list(line.get_xdata()), list(line.get_ydata())) for line in axes.get_lines()],
+        }
+        for axes in figure.axes if axes.get_visible()
+    }
+
+
+CURVES_METRICS = {
+    "model": "small_cnn", "method": "lspp", "epochs": 4,
+    "epoch_train_loss": [6.3, 5.0, 4.2, 3.9],
+    "epoch_loss_parts": {"loss": [6.3, 5.0, 4.2, 3.9], "network": [2.3, 1.5, 1.0, 0.8]},
+    "epoch_test_top1": [0.3, 0.6, 0.7, 0.9],
+}
+# summary.csv as csv.DictReader reads it: validation ran on epochs 2 and 4 (--eval-every 2), not 1 and 3.
+SUMMARY_ROWS = [
+    {"epoch": "1", "train_loss": "6.3", "val_top1": "", "val_nll": "", "val_ece": ""},
+    {"epoch": "2", "train_loss": "5.0", "val_top1": "0.625", "val_nll": "1.25", "val_ece": "0.2"},
+    {"epoch": "3", "train_loss": "4.2", "val_top1": "", "val_nll": "", "val_ece": ""},
+    {"epoch": "4", "train_loss": "3.9", "val_top1": "0.8125", "val_nll": "0.75", "val_ece": "0.1", "test_top1": "0.9"},
+]
+
+
+def test_curves_draw_validation_panels_beside_the_training_loss(tmp_path):
+    assert validation_series(SUMMARY_ROWS) == {"val_top1": ([2, 4], [0.625, 0.8125]), "val_nll": ([2, 4], [1.25, 0.75])}
+    panels = panels_of(curves_figure(CURVES_METRICS, SUMMARY_ROWS))
+    assert list(panels) == ["training loss", "validation top-1", "validation NLL", "test top1"]
+    # One line each, a point per evaluated epoch (with a marker), on the training loss's epoch axis.
+    assert panels["validation top-1"]["lines"] == [([2, 4], [0.625, 0.8125])]
+    assert panels["validation NLL"]["lines"] == [([2, 4], [1.25, 0.75])]
+    assert panels["validation top-1"]["ylabel"] == "top-1 accuracy" and panels["validation NLL"]["ylabel"] == "NLL (nats)"
+    loss_xlim = panels["training loss"]["xlim"]
+    assert loss_xlim[0] < 1 and panels["validation top-1"]["xlim"] == panels["validation NLL"]["xlim"] == loss_xlim
+    assert panels["training loss"]["lines"] == [([1, 2, 3, 4], [6.3, 5.0, 4.2, 3.9]), ([1, 2, 3, 4], [2.3, 1.5, 1.0, 0.8])]
+    # Four panels: two rows of three.
+    path = plots.plot_curves(CURVES_METRICS, tmp_path / "curves.png", summary=SUMMARY_ROWS)
+    assert_png(path, size=(15 * DPI, round(7.2 * DPI)))
+
+
+def test_curves_without_validation_look_as_before(tmp_path):
+    no_validation = [{key: value for key, value in row.items() if not key.startswith("val_")} for row in SUMMARY_ROWS]
+    for summary in ((), no_validation, [{**row, "val_top1": "", "val_nll": ""} for row in no_validation]):
+        assert validation_series(summary) == {}
+        panels = panels_of(curves_figure(CURVES_METRICS, summary))
+        assert list(panels) == ["training loss", "test top1"]
+        assert all(panel["ylabel"] == "" for panel in panels.values())
+    assert_png(plot_curves(CURVES_METRICS, tmp_path / "curves.png"), size=(10 * DPI, round(3.6 * DPI)))
+
+
+def test_validation_series_of_odd_summaries():
+    # Validation at the last epoch only; a diverged (nan) value stays a gap; no epoch column: the row's position.
+    rows = [{"val_top1": "", "val_nll": ""}, {"val_top1": "0.5", "val_nll": "nan"}, {"val_top1": 0.75, "val_nll": 0.5}]
+    series = validation_series(rows)
+    assert series["val_top1"] == ([2, 3], [0.5, 0.75])
+    assert series["val_nll"][0] == [2, 3] and np.isnan(series["val_nll"][1][0])
+    assert validation_series([{"epoch": "5", "val_top1": "0.5", "val_nll": "nan"}]) == {"val_top1": ([5], [0.5])}
+    with pytest.raises(KDError) as info:
+        validation_series([{"epoch": "1", "val_top1": "high"}])
+    assert_one_line_kderror(info, "row 1", "val_top1", "high")
+    # Validation values alone (no per-epoch lists in metrics.json) are still a figure.
+    assert list(panels_of(curves_figure({}, rows))) == ["validation top-1", "validation NLL"]
+
+
 # ----------------------------------------------------------------------------- the commands
 
 
@@ -209,6 +286,59 @@ def test_kd_plot_run_dir(tmp_path, tiny_run, with_plot_command):
     assert f"ECE {recorded:.4f}" in line and "over 360 test images" in line
     assert_one_line_error(kd_in_process("plot", str(tiny_run), "--out", str(out)), "--overwrite", "curves.png")
     assert kd_in_process("plot", str(tiny_run), "--out", str(out), "--overwrite", "--bins", "10").returncode == 0
+
+
+@pytest.fixture
+def drawn_curves(monkeypatch) -> list[dict]:
+    """The panels (see `panels_of`) of every curves figure drawn, read before it is saved and cleared."""
+    drawn = []
+    real = plots.curves_figure
+
+    def spy(*args, **kwargs):
+        figure = real(*args, **kwargs)
+        drawn.append(panels_of(figure))
+        return figure
+
+    monkeypatch.setattr(plots, "curves_figure", spy)
+    return drawn
+
+
+def test_kd_plot_draws_the_validation_curves_of_a_val_split_run(tmp_path, tiny_run, with_plot_command, drawn_curves):
+    run = tmp_path / "run"
+    result = kd_in_process("train-teacher", "--out", str(run), "--epochs", "3", "--batch-size", "64", "--model", "tiny_cnn",
+                           "--val-split", "0.2", "--eval-every", "2")
+    assert result.returncode == 0, result.stderr
+    _, metrics = read_run(run)
+    rows = read_summary(run)
+    out = tmp_path / "figs"
+    result = kd_in_process("plot", str(run), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out / 'curves.png'} (with the validation top-1 and validation NLL of 2 evaluated epochs)" in result.stdout
+    assert_png(out / "curves.png")
+    [panels] = drawn_curves
+    assert list(panels) == ["training loss", "validation top-1", "validation NLL"]
+    for title, column in (("validation top-1", "val_top1"), ("validation NLL", "val_nll")):
+        [(epochs, values)] = panels[title]["lines"]
+        assert epochs == [2, 3]  # every --eval-every 2 epochs, and the last
+        assert values == [float(rows[1][column]), float(rows[2][column])]
+        assert values[-1] == pytest.approx(metrics[column], rel=1e-7)  # the last validation, as metrics.json has it
+        assert panels[title]["xlim"] == panels["training loss"]["xlim"]
+    assert panels["training loss"]["lines"][0] == ([1, 2, 3], pytest.approx(metrics["epoch_train_loss"]))
+
+    # A run without --val-split: the training loss alone, as before, and the same output line.
+    result = kd_in_process("plot", str(tiny_run), "--out", str(tmp_path / "plain"))
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {tmp_path / 'plain' / 'curves.png'}\n" in result.stdout
+    assert list(drawn_curves[-1]) == ["training loss"]
+
+    # A summary.csv with a broken validation cell: one line naming it, nothing written.
+    rows[1]["val_top1"] = "oops"
+    with open(run / "summary.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert_one_line_error(kd_in_process("plot", str(run), "--out", str(tmp_path / "broken")), "summary.csv", "row 2", "oops")
+    assert not (tmp_path / "broken").exists()
 
 
 def test_kd_plot_problems_are_one_line_errors(tmp_path, tiny_run, with_plot_command):

@@ -10,7 +10,9 @@
   confidence shaded, and the ECE in the title, computed by `kd.reports.metrics` (the number
   `metrics.json` reports as `test_ece` for the same predictions).
 * `plot_curves`: every per-epoch list of a run's `metrics.json` (`epoch_train_loss`, the parts
-  of `epoch_loss_parts`, and any later `epoch_*` list or dict of lists) against the epoch.
+  of `epoch_loss_parts`, and any later `epoch_*` list or dict of lists) against the epoch and,
+  for a run with `--val-split`, the validation top-1 and NLL of its `summary.csv` rows against
+  the epochs they were evaluated at (`curves_figure` returns the figure unsaved).
 
 Figures are drawn with matplotlib's object-oriented API on an Agg canvas: no display, no
 pyplot state, nothing left open (each `Figure` is local to its function and freed with it).
@@ -282,31 +284,105 @@ def epoch_series(metrics: Mapping[str, Any]) -> dict[str, list[tuple[str, list[f
     return panels
 
 
-def plot_curves(metrics: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Draw every per-epoch list of a run's metrics.json (see `epoch_series`) against the epoch.
+# summary.csv's validation columns drawn beside the training loss: (column, panel title, y label).
+VALIDATION_PANELS = (
+    ("val_top1", "validation top-1", "top-1 accuracy"),
+    ("val_nll", "validation NLL", "NLL (nats)"),
+)
 
-    Raises a one-line `KDError` when there is no per-epoch list to draw. Returns the path written.
+
+def _summary_number(value: Any, column: str, row: int) -> float | None:
+    """A summary.csv cell as a number: None when empty (not evaluated that epoch), NaN for nan."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise KDError(f"row {row}: {column} is not a number ({value!r})")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise KDError(f"row {row}: {column} is not a number ({str(value)[:40]!r})") from None
+
+
+def validation_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """The validation metrics of a run's summary.csv rows: {column: (epochs evaluated, values)}.
+
+    `rows` are summary.csv's rows (as `csv.DictReader` reads them, or the numbers themselves),
+    one per epoch; a validation column is filled on the epochs validation ran (every
+    `--eval-every` epochs and the last) and empty on the others, which are left out. The epoch is
+    the row's `epoch` column (its position, counting from 1, without one). Only the columns of
+    `VALIDATION_PANELS` with at least one finite value are returned; a cell that is not a number
+    is a one-line `KDError`.
+    """
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for column, _, _ in VALIDATION_PANELS:
+        epochs, values = [], []
+        for index, row in enumerate(rows, start=1):
+            value = _summary_number(row.get(column), column, index)
+            if value is None:
+                continue
+            epoch = _summary_number(row.get("epoch"), "epoch", index)
+            epochs.append(index if epoch is None or not math.isfinite(epoch) else int(epoch))
+            values.append(value)
+        if any(math.isfinite(x) for x in values):
+            series[column] = (epochs, values)
+    return series
+
+
+def curves_figure(metrics: Mapping[str, Any], summary: Sequence[Mapping[str, Any]] = ()) -> Figure:
+    """The curves figure, unsaved: every per-epoch list of `metrics` (see `epoch_series`) against the
+    epoch, and with a validation split the validation top-1 and NLL of the `summary` rows (see
+    `validation_series`) in their own panels after the training loss, a marker per evaluated epoch
+    and the x axis shared with the training loss. Without validation values it is the per-epoch
+    lists only. Raises a one-line `KDError` when there is nothing to draw.
     """
     panels = epoch_series(metrics)
-    if not panels:
+    validation = validation_series(summary)
+    if not panels and not validation:
         raise KDError("no per-epoch values to plot (no epoch_train_loss, epoch_loss_parts or other epoch_* lists)")
-    columns = min(3, len(panels))
-    rows = math.ceil(len(panels) / columns)
+    # The panels in order: the training loss, the validation metrics, then every other per-epoch list.
+    loss_panel = "training loss"
+    order: list[tuple[str, Any]] = [("epoch", loss_panel)] if loss_panel in panels else []
+    order += [("validation", spec) for spec in VALIDATION_PANELS if spec[0] in validation]
+    order += [("epoch", panel) for panel in panels if panel != loss_panel]
+    columns = min(3, len(order))
+    rows = math.ceil(len(order) / columns)
     figure = _new_figure((5.0 * columns, 3.6 * rows))
     grid = figure.subplots(rows, columns, squeeze=False)
-    for axes, (panel, lines) in zip(grid.flat, panels.items()):
-        for label, values in lines:
-            epochs = np.arange(1, len(values) + 1)
-            axes.plot(epochs, values, marker="o", markersize=3, linewidth=1.5, label=label)
-        axes.set_title(panel)
+    loss_axes = None
+    for axes, (kind, what) in zip(grid.flat, order):
+        if kind == "epoch":
+            lines = panels[what]
+            for label, values in lines:
+                epochs = np.arange(1, len(values) + 1)
+                axes.plot(epochs, values, marker="o", markersize=3, linewidth=1.5, label=label)
+            axes.set_title(what)
+            if len(lines) > 1:
+                axes.legend(fontsize=8)
+            if what == loss_panel:
+                loss_axes = axes
+        else:
+            column, title, ylabel = what
+            epochs, values = validation[column]
+            axes.plot(epochs, values, marker="o", markersize=5, linewidth=1.5, color="C4", label=ylabel)
+            axes.set_title(title)
+            axes.set_ylabel(ylabel)
+            if loss_axes is not None:
+                axes.sharex(loss_axes)  # the evaluated epochs on the training loss's epoch axis
         axes.set_xlabel("epoch")
         axes.xaxis.get_major_locator().set_params(integer=True)
         axes.grid(alpha=0.3)
-        if len(lines) > 1:
-            axes.legend(fontsize=8)
-    for axes in list(grid.flat)[len(panels):]:
+    for axes in list(grid.flat)[len(order):]:
         axes.set_visible(False)
     model, method = metrics.get("model"), metrics.get("method")
     if model or method:
         figure.suptitle(" / ".join(str(x) for x in (model, method) if x))
-    return _save(figure, path)
+    return figure
+
+
+def plot_curves(metrics: Mapping[str, Any], path: str | os.PathLike, *, summary: Sequence[Mapping[str, Any]] = ()) -> Path:
+    """Draw `curves_figure(metrics, summary)` (the per-epoch lists of a run's metrics.json and the
+    validation metrics of its summary.csv rows) to `path`; returns the path written.
+
+    Raises a one-line `KDError` when there is nothing to draw.
+    """
+    return _save(curves_figure(metrics, summary), path)
