@@ -22,6 +22,7 @@ from kd.errors import KDError
 from kd.methods import Setup, get_method, method_names, resolve_params
 from kd.models.pretrained import (
     PretrainedTeacher, Teacher, check_pretrained_flags, check_run_teacher_fits, load_pretrained_teacher, load_run_teacher,
+    renormalised_run_teacher,
 )
 from kd.softlabels.artifact import SoftLabelFile, SoftLabels, SoftLabelsError, load_soft_labels
 from kd.training.run import Run, prepare_run
@@ -64,7 +65,7 @@ def _teacher(settings: StudentSettings, pretrained: PretrainedTeacher | None, da
         return pretrained.build(data)
     teacher, teacher_config = load_run_teacher(settings.teacher)
     check_run_teacher_fits(settings.teacher, teacher_config, data)
-    return teacher
+    return renormalised_run_teacher(teacher, teacher_config, data)
 
 
 def _stored_teacher(path: str, stored: SoftLabelFile, run: Run) -> SoftLabels:
@@ -103,7 +104,7 @@ def distill(settings: StudentSettings) -> Path:
         extra_config.update(pretrained.record())
 
     with prepare_run("student", settings, cls) as run:
-        run.extra_config = extra_config
+        run.extra_config.update(extra_config)
         setup = Setup(run.data.num_classes, tuple(run.data.class_names), params)
         if need == "cmatrix":
             setup.cmatrix = _proxy_cmatrix(settings.proxy, run.data, params["remap_by_name"])

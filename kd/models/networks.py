@@ -26,7 +26,8 @@ Built-ins (see `BUILTIN_MODELS`):
 * `cifar_resnet18/34/50/101`: torchvision ResNets with the CIFAR stem (3x3 stride-1 conv, no
   max-pool).
 
-Any other name that `timm.is_model` knows is created with `timm.create_model(name,
+`tv:NAME` is torchvision's classification model NAME (random init), its first convolution
+taking one channel for gray data. Any other name that `timm.is_model` knows is created with `timm.create_model(name,
 pretrained=False, num_classes=..., in_chans=...)`, passing `img_size=image_size` to models
 whose constructor takes it (ViT, Swin, ...), so fixed-size models match the data.
 
@@ -231,6 +232,26 @@ def _build_timm(name: str, num_classes: int, in_channels: int, image_size: int) 
         ) from exc
 
 
+def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A torchvision classification model; for gray input its first convolution takes one channel."""
+    import torchvision.models
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise KDError(f"unknown model tv:{name}: torchvision has no such classification model "
+                      "(see torchvision.models.list_models(module=torchvision.models))")
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except (ValueError, TypeError, AssertionError, RuntimeError) as exc:
+        raise KDError(f"model tv:{name} cannot be built with {num_classes} classes: {one_line(exc)}") from None
+    if in_channels != 3:
+        first, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        parent, _, attr = first.rpartition(".")
+        replacement = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        setattr(model.get_submodule(parent) if parent else model, attr, replacement)
+    return model
+
+
 def _is_timm_model(name: str) -> bool:
     import timm  # only for names that are not built-ins (timm imports torchvision: seconds)
 
@@ -251,8 +272,9 @@ def _check_fixed_size(name: str, image_size: int) -> None:
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """Build a freshly initialised classifier: (N, in_channels, H, W) -> (N, num_classes) logits.
 
-    `name` is a key of `BUILTIN_MODELS` or any timm model name (`timm.list_models()`), which is
-    created with `pretrained=False`. Raises `KDError` for an unknown name, num_classes < 2,
+    `name` is a key of `BUILTIN_MODELS`, any timm model name (`timm.list_models()`, optionally
+    `timm:NAME`), created with `pretrained=False`, or `tv:NAME`, a torchvision classification
+    model (`weights=None`; for gray input its first convolution takes one channel). Raises `KDError` for an unknown name, num_classes < 2,
     in_channels not 1 or 3, a non-positive image_size, or an image_size other than the one a
     `FIXED_SIZE_MODELS` network is defined for.
     """
@@ -266,11 +288,16 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
     if builder is not None:
         _check_fixed_size(name, image_size)
         return builder(num_classes, in_channels)
+    for prefix in ("tv:", "torchvision:"):
+        if isinstance(name, str) and name.startswith(prefix):
+            return _build_torchvision(name[len(prefix):], num_classes, in_channels)
+    if isinstance(name, str) and name.startswith("timm:"):
+        name = name[len("timm:"):]
     if isinstance(name, str) and name and _is_timm_model(name):
         return _build_timm(name, num_classes, in_channels, image_size)
     raise KDError(
-        f"unknown model {name!r}: use a built-in ({', '.join(BUILTIN_MODELS)}) "
-        "or any timm model name (see timm.list_models())"
+        f"unknown model {name!r}: use a built-in ({', '.join(BUILTIN_MODELS)}), "
+        "any timm model name (see timm.list_models()) or tv:NAME (a torchvision classification model)"
     )
 
 

@@ -18,7 +18,6 @@ or in a text file with one name per line (`--teacher-classes`).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,8 @@ from torch import nn
 
 from kd.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset
 from kd.errors import KDError, one_line
+from kd.models.weights import TIMM_PREFIX, TORCHVISION_PREFIXES, WeightsFile, read_weights_file
 
-TIMM_PREFIX = "timm:"
-TORCHVISION_PREFIXES = ("tv:", "torchvision:")
-STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 IMAGENET_SIZE = 224
 LUMINANCE = (0.299, 0.587, 0.114)  # RGB -> gray, as PIL's "L" mode
 
@@ -104,6 +100,17 @@ def check_run_teacher_fits(run_dir: str | os.PathLike, config: dict, data: Image
             f"teacher {run_dir} sees {config['in_channels']}x{config['image_size']}px images, "
             f"the dataset gives {data.channels}x{data.image_size}px: pass --image-size {config['image_size']}"
         )
+
+
+def renormalised_run_teacher(teacher: Teacher, config: dict, data: ImageDataset) -> Teacher:
+    """A run's teacher fed `data`'s batches: behind an adapter to its own normalisation when the data's
+    differs (a student started from a pretrained model sees its model's mean and std, say)."""
+    mean, std = config.get("mean"), config.get("std")
+    if mean is None or std is None or (list(mean), list(std)) == (list(data.mean), list(data.std)):
+        return teacher
+    own = InputConfig(data.channels, (data.image_size, data.image_size), tuple(mean), tuple(std))
+    teacher.net = AdaptedTeacher(TeacherInput(data.mean, data.std, own), teacher.net).eval()
+    return teacher
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,109 +251,6 @@ class AdaptedTeacher(nn.Module):
         return self.net(self.adapter(images))
 
 
-# ---------------------------------------------------------------------------------------------
-# weights files
-
-
-@dataclass
-class TeacherWeights:
-    """A weights file read into a state dict, with the class names it carries and its SHA-256."""
-
-    path: Path
-    state: dict[str, torch.Tensor]
-    class_names: list[str] | None
-    sha256: str
-
-
-def _is_safetensors(path: Path) -> bool:
-    """A safetensors file starts with an 8-byte header length and then the JSON header's '{'."""
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-def _names_from(value: Any, where: str) -> list[str]:
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(n, str) and n for n in value):
-        raise KDError(f"{where}: class_names must be a non-empty list of non-empty strings")
-    return list(value)
-
-
-def _read_safetensors(path: Path, where: str) -> tuple[dict[str, torch.Tensor], list[str] | None]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as reader:
-            metadata = reader.metadata() or {}
-            state = {key: reader.get_tensor(key) for key in reader.keys()}
-    except Exception as error:  # safetensors raises several types for a bad file
-        raise KDError(f"{where}: not a valid safetensors file (truncated or corrupt? {one_line(error, 80)})") from None
-    names = None
-    if "class_names" in metadata:
-        try:
-            names = _names_from(json.loads(metadata["class_names"]), where)
-        except ValueError:
-            raise KDError(f"{where}: metadata class_names is not valid JSON (expected a JSON list of strings)") from None
-    return state, names
-
-
-def _torch_load_problem(error: Exception) -> str:
-    """The gist of a failed `torch.load(weights_only=True)` (its message is a page long)."""
-    text = str(error)
-    marker = "WeightsUnpickler error:"
-    if marker not in text:
-        return f"{type(error).__name__}: {one_line(error, 80)}"
-    detail = one_line(text.split(marker, 1)[1].split("Check the documentation", 1)[0]).split(". ")[0]
-    if "Unsupported global" in detail:
-        return f"it pickles objects, not only tensors: {one_line(detail, 60)}; save the state_dict() instead"
-    return f"weights_only=True cannot read it: {one_line(detail, 60)}"
-
-
-def _read_torch(path: Path, where: str) -> tuple[dict[str, Any], list[str] | None]:
-    try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and EOF errors of a corrupt or non-weights file
-        raise KDError(
-            f"{where}: neither a safetensors file nor a PyTorch state dict ({_torch_load_problem(error)})"
-        ) from None
-    if not isinstance(loaded, dict):
-        raise KDError(f"{where}: holds a {type(loaded).__name__}, not a state dict")
-    names = _names_from(loaded["class_names"], where) if "class_names" in loaded else None
-    for key in STATE_DICT_KEYS:
-        if isinstance(loaded.get(key), dict):
-            return loaded[key], names
-    return {key: value for key, value in loaded.items() if key != "class_names"}, names
-
-
-def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
-    return state
-
-
-def read_teacher_weights(path: str | os.PathLike) -> TeacherWeights:
-    """Read a teacher's weights file (see the module docstring); every problem is a one-line `KDError`."""
-    from kd.cmatrix.artifact import file_sha256
-
-    file = Path(path)
-    where = f"--teacher-weights {path}"
-    if not file.exists():
-        raise KDError(f"{where}: file not found")
-    if file.is_dir():
-        raise KDError(f"{where}: is a directory, not a weights file")
-    try:
-        reader = _read_safetensors if _is_safetensors(file) else _read_torch
-    except OSError as error:
-        raise KDError(f"{where}: cannot read the file ({error.strerror or error})") from None
-    state, names = reader(file, where)
-    if not isinstance(state, dict) or not state:
-        raise KDError(f"{where}: holds no tensors")
-    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise KDError(f"{where}: entry {str(not_tensors[0])!r} is not a tensor; expected a state dict of tensors")
-    return TeacherWeights(file, _strip_wrapper_prefixes(state), names, file_sha256(file))
-
-
 def read_class_names_file(path: str | os.PathLike) -> list[str]:
     """Class names from a text file, one per line (surrounding spaces and blank lines ignored)."""
     where = f"--teacher-classes {path}"
@@ -379,7 +283,7 @@ def _build_network(spec: ModelSpec, num_classes: int) -> nn.Module:
         raise KDError(f"teacher {spec.display} cannot be built with {num_classes} classes: {one_line(error, 120)}") from None
 
 
-def _load_weights(net: nn.Module, weights: TeacherWeights, spec: ModelSpec, num_classes: int) -> None:
+def _load_weights(net: nn.Module, weights: WeightsFile, spec: ModelSpec, num_classes: int) -> None:
     """Load `weights` into `net` (built for `num_classes`), explaining a class-count or layout mismatch."""
     expected = net.state_dict()
     state = weights.state
@@ -431,7 +335,7 @@ class PretrainedTeacher:
 
     spec: ModelSpec
     input: InputConfig
-    weights: TeacherWeights
+    weights: WeightsFile
     class_names: list[str] | None
     class_names_from: str  # where the names came from, for error messages
 
@@ -489,7 +393,7 @@ def load_pretrained_teacher(
     """Parse the model name and read its weights (and class names); `.build(data)` makes the `Teacher`."""
     spec = parse_teacher_model(model)
     input_config = teacher_input_config(spec, image_size)
-    read = read_teacher_weights(weights)
+    read = read_weights_file(weights, "--teacher-weights")
     if classes_file is not None:
         names, names_from = read_class_names_file(classes_file), f"--teacher-classes {classes_file}"
     else:

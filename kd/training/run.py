@@ -13,7 +13,7 @@ Everything else, including which files land in the run directory and what `confi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from kd.errors import KDError, one_line
 from kd.io import write_json_atomic
 from kd.methods import ExportInfo, Method, soft_target_methods
 from kd.models.networks import build_model
+from kd.models.weights import WeightsFile, load_initial_weights, model_library, published_weights, read_weights_file, split_model_name
 from kd.training.loop import FitResult, TrainingDiverged, TrainModule, fit, make_accelerator
 from kd.training.optim import optimizer_steps_per_epoch
 from kd.training.rundir import (
@@ -44,7 +45,7 @@ from kd.training.settings import augment_params, check_settings, recorded, resum
 # (the declared settings say for themselves whether `--resume` compares them).
 DERIVED_RESUME_KEYS = (
     "stage", "dataset_name", "num_classes", "class_names", "in_channels", "method", "mode", "teacher_weights_sha256",
-    "soft_labels_sha256", "augment_options", "world_size", "data_fingerprint",
+    "soft_labels_sha256", "augment_options", "world_size", "data_fingerprint", "pretrained_sha256", "pretrained_source",
 )
 
 
@@ -59,6 +60,7 @@ def _start_trackers(accelerator: Any, work: Path, run_config: dict[str, Any]) ->
 _DECIDED_BY = {
     "dataset_name": "--data-dir", "data_fingerprint": "--data-dir", "num_classes": "--data-dir",
     "class_names": "--data-dir", "in_channels": "--data-dir", "world_size": "processes (world size)",
+    "pretrained_sha256": "--pretrained-path", "pretrained_source": "--pretrained",
 }
 
 
@@ -148,10 +150,11 @@ def prepare_run(stage: str, settings: Any, method_cls: type[Method]) -> Run:
 def _prepare(stage: str, settings: Any, method_cls: type[Method], accelerator: Accelerator, lock: Any) -> Run:
     out = check_out(settings.out, settings.overwrite, settings.resume)
     augment = augment_options(settings, method_cls)
+    start = StartingWeights.read(settings, accelerator)
     set_seed(settings.seed)
     with accelerator.main_process_first():  # --download: one process fetches, the others then read
-        data = load_dataset(settings.dataset, settings.data_dir, download=settings.download, image_size=settings.image_size,
-                            skip_bad_images=settings.skip_bad_images)
+        data = load_dataset(settings.dataset, settings.data_dir, download=settings.download,
+                            image_size=settings.image_size or start.image_size, skip_bad_images=settings.skip_bad_images)
     whole_data = data_fingerprint(data, settings.dataset, settings.data_dir)  # before any selection
     if settings.train_per_class is not None:
         data = train_per_class(data, settings.train_per_class, settings.seed)
@@ -164,7 +167,57 @@ def _prepare(stage: str, settings: Any, method_cls: type[Method], accelerator: A
     # The student is built before the method so a teacher's construction does not shift the
     # random stream: the same seed gives the same initial student with every method.
     net = build_model(settings.model, data.num_classes, data.channels, data.image_size)
-    return Run(stage, settings, accelerator, out, augment, data, net, whole_data_fingerprint=whole_data, lock=lock)
+    data = start.apply(net, data, settings.model, accelerator)
+    return Run(stage, settings, accelerator, out, augment, data, net, extra_config=start.record(),
+               whole_data_fingerprint=whole_data, lock=lock)
+
+
+@dataclass
+class StartingWeights:
+    """Where the network's weights start (`--pretrained`, `--pretrained-path`; else its random init), and
+    the input convention that comes with a pretrained timm or torchvision model (its size, mean and std)."""
+
+    weights: WeightsFile | None = None
+    flag: str = ""
+    input: Any = None  # kd.models.pretrained.InputConfig of a timm / torchvision model, else None
+
+    @classmethod
+    def read(cls, settings: Any, accelerator: Accelerator) -> StartingWeights:
+        """Read the weights (a one-line `KDError` for a bad file, or offline) before any data is."""
+        if settings.pretrained_path is not None:
+            weights, flag = read_weights_file(settings.pretrained_path, "--pretrained-path"), "--pretrained-path"
+        elif settings.pretrained:
+            with accelerator.main_process_first():  # one process downloads, the others read the cache
+                weights, flag = published_weights(settings.model), "--pretrained"
+        else:
+            return cls()
+        library = model_library(settings.model)
+        if library == "builtin":
+            return cls(weights, flag)
+        from kd.models.pretrained import ModelSpec, teacher_input_config
+
+        return cls(weights, flag, teacher_input_config(ModelSpec(library, split_model_name(settings.model)[1])))
+
+    @property
+    def image_size(self) -> int | None:
+        """The model's own input side (the longer one), the data's size unless --image-size says otherwise."""
+        return max(self.input.size) if self.input is not None else None
+
+    def apply(self, net: nn.Module, data: ImageDataset, model: str, accelerator: Accelerator) -> ImageDataset:
+        """Load the weights into `net`; the data, normalised with the model's own mean and std where it has them."""
+        if self.weights is None:
+            return data
+        for note in load_initial_weights(net, model, self.weights, data.class_names, self.flag):
+            accelerator.print(f"note: {self.flag}: {note}")
+        if self.input is None:
+            return data
+        mean, std = self.input.mean, self.input.std
+        if data.channels == 1 and len(mean) == 3:  # gray data: the channels' average, as the adapted first convolution sums them
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        return replace(data, mean=tuple(mean), std=tuple(std))
+
+    def record(self) -> dict[str, Any]:
+        return self.weights.record("pretrained") if self.weights else {}
 
 
 @dataclass
@@ -263,7 +316,7 @@ class Run:
     def write_artifacts(self, work: Path, method: Method, result: FitResult) -> None:
         """The main process's final writes: weights, the method's artifacts (cmatrix.safetensors), metrics.json."""
         settings, data, out = self.settings, self.data, self.out
-        save_model(work / MODEL_FILE, self.net)
+        save_model(work / MODEL_FILE, self.net, data.class_names)
         method.export(work, ExportInfo(
             class_names=tuple(data.class_names), dataset=data.name, model=settings.model,
             test_top1=result.metrics.get("test_top1"),

@@ -10,6 +10,7 @@ the run's own selections with the run's seed, in the run's order (`kd.training.r
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from kd.data.datasets import ImageDataset, load_dataset
 from kd.data.splits import train_per_class, validation_split
@@ -24,7 +25,8 @@ def load_run_data(
     `config` is the run's config.json (`kd.training.rundir.load_run_model` returns it). With
     `dataset` or `data_dir` another dataset is loaded instead, whole (at the run's image size, and
     without the run's selections, which were made on the run's data). The dataset's class names
-    must be the run's, in order, or it is a one-line KDError.
+    must be the run's, in order, or it is a one-line KDError. The data is normalised with the run's recorded
+    mean and std (a pretrained model's own, for a fine-tuned run), as its network saw it.
     """
     data = load_dataset(
         dataset or config.get("dataset", "digits"), data_dir or config.get("data_dir"),
@@ -38,4 +40,6 @@ def load_run_data(
             data = validation_split(data, config["val_split"], seed)
     if list(data.class_names) != list(config["class_names"]):
         raise KDError(f"the dataset's classes differ from those the run in {run_dir} was trained on")
+    if config.get("mean") and config.get("std"):  # normalised as the run's network was (a pretrained model's own, say)
+        data = replace(data, mean=tuple(config["mean"]), std=tuple(config["std"]))
     return data

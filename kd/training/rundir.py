@@ -29,6 +29,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 from safetensors.torch import load_file
 from torch import nn
@@ -328,10 +329,13 @@ def abandon_run_dir(work: Path, out: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def save_model(path: str | os.PathLike, net: nn.Module) -> None:
-    """Network weights as safetensors (tensors cloned so tied weights save without complaint)."""
+def save_model(path: str | os.PathLike, net: nn.Module, class_names: Sequence[str] | None = None) -> None:
+    """Network weights as safetensors (tensors cloned so tied weights save without complaint); the
+    metadata key `class_names` (a JSON list, as in C-matrix files) names the outputs, so a
+    fine-tuning run started from the file knows whether its classifier fits its data."""
     state = {name: tensor.detach().clone() for name, tensor in net.state_dict().items()}
-    save_safetensors_atomic(path, state)
+    metadata = {"class_names": json.dumps(list(class_names))} if class_names is not None else None
+    save_safetensors_atomic(path, state, metadata)
 
 
 def read_run_json(run_dir: str | os.PathLike, name: str, when_missing: str) -> dict:

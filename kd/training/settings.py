@@ -105,7 +105,26 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         "imagefolder: leave out images that cannot be read (counted in metrics.json) instead of stopping with an error naming the first.",
         type=bool,
     ),
-    Setting("model", "small_cnn", f"{', '.join(BUILTIN_MODELS)}, or any timm model name (random init).", resume=True),
+    Setting(
+        "model", "small_cnn",
+        f"{', '.join(BUILTIN_MODELS)}, any timm model name (timm:NAME), or tv:NAME (a torchvision classification "
+        "model). Random init unless --pretrained or --pretrained-path.", resume=True,
+    ),
+    Setting(
+        "pretrained", False,
+        "Start --model from its published weights (timm: the Hugging Face hub; tv:NAME: torchvision's), downloaded "
+        "and cached by that library; the only time kd uses the network. The model then sees images at its own input "
+        "size (unless --image-size) normalised with its own mean and std. Offline: use --pretrained-path.",
+        type=bool, resume=True,
+    ),
+    Setting(
+        "pretrained_path", None,
+        "Start --model from a weights file: safetensors (a kd run's model.safetensors too) or a PyTorch state dict "
+        "(also inside a checkpoint dict). Adapted as timm adapts pretrained weights: the classifier is "
+        "re-initialised for other classes (rows picked by name when the file names a superset), the first "
+        "convolution adapted to the data's channels; any other mismatch is an error naming the tensor.",
+        path="file", metavar="FILE",
+    ),
     _positive_int("epochs", 30, "Training epochs.", resume=True),
     _positive_int("batch_size", 64, "Batch size per process.", resume=True),
     Setting("lr", 0.05, "Peak learning rate (SGD, Nesterov momentum 0.9, warm-up + cosine).", type=float,
@@ -202,6 +221,8 @@ def check_settings(settings: Any) -> None:
     """Cheap checks before any data is read, each a one-line `KDError`."""
     for setting in declarations(settings):
         setting.check(getattr(settings, setting.name))
+    if settings.pretrained and settings.pretrained_path is not None:
+        raise KDError("--pretrained and --pretrained-path both say where --model's weights come from: pass one")
     if settings.eval_every is not None and settings.val_split is None:
         raise KDError("--eval-every evaluates on the validation split: pass --val-split FRACTION too (the test split is used only at the end)")
     trackers(settings.log_with)
