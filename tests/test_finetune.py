@@ -191,3 +191,49 @@ def test_a_run_teacher_sees_its_own_normalisation_when_the_student_has_another()
     assert torch.allclose(seen, own, atol=1e-5)
     same = Teacher(net=net, model="x")
     assert renormalised_run_teacher(same, config, data).net is net  # same statistics: no adapter
+
+
+def test_layer_decay_rates_grow_from_the_stem_to_the_head_and_c_learns_at_the_full_rate():
+    from kd.methods import Setup, get_method, resolve_params
+    from kd.training.loop import TrainModule
+    from kd.training.optim import build_optimizer
+
+    for model in ("test_resnet", "tiny_cnn", "tv:resnet18"):
+        from kd.models.networks import build_model
+
+        net = build_model(model, 10, 1, 16)
+        module = TrainModule(net, get_method("lspp")(Setup(10, CLASSES, resolve_params(get_method("lspp"), {}))))
+        optimizer = build_optimizer(module, 0.1, 5e-4, layer_decay=0.5, num_classes=10)
+        rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        names = [name for name, _ in module.named_parameters()]
+        assert len(rate) == len(names)  # every parameter in exactly one group
+        by_name = {name: rate[id(p)] for name, p in module.named_parameters()}
+        assert by_name["criterion.logits"] == 0.1  # the C logits: full rate
+        head = [name for name in names if name.startswith("net.fc.") or name.startswith("net.13.")]
+        assert head and all(by_name[name] == 0.1 for name in head), model
+        net_rates = [by_name[name] for name in names if name.startswith("net.")]
+        assert net_rates[0] < 0.1 and net_rates == sorted(net_rates), model  # stem slowest, rates never fall towards the head
+        assert all(any(abs(r - 0.1 * 0.5 ** k) < 1e-12 for k in range(40)) for r in net_rates)  # lr x decay^k
+        decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+        assert decay[id(module.criterion.logits)] == 0.0
+        assert all(decay[id(p)] == 0.0 for name, p in module.named_parameters() if p.ndim <= 1)
+
+
+def test_head_only_epochs_leave_the_body_as_it_started(tmp_path):
+    start = tmp_path / "start"
+    base = ["train-teacher", "--model", "tiny_cnn", "--batch-size", "64", "--augment", "none"]
+    assert kd_in_process(*base, "--epochs", "1", "--max-steps", "3", "--out", str(start)).returncode == 0
+    source = tensors(start / "model.safetensors")
+    probe, both = tmp_path / "probe", tmp_path / "both"
+    for out, epochs in ((probe, "1"), (both, "2")):
+        result = kd_in_process(*base, "--pretrained-path", str(start / "model.safetensors"), "--head-only-epochs", "1",
+                               "--epochs", epochs, "--lr", "0.1", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+    probed, tuned = tensors(probe / "model.safetensors"), tensors(both / "model.safetensors")
+    body = [key for key in source if not key.startswith("13.")]  # tiny_cnn's classifier is layer 13
+    assert all(torch.equal(probed[key], source[key]) for key in body)  # weights and BatchNorm statistics
+    assert not torch.equal(probed["13.weight"], source["13.weight"])
+    assert not torch.equal(tensors(probe / "cmatrix.safetensors")["cmatrix"], torch.full((10, 10), 1 / 9).fill_diagonal_(0))
+    assert not torch.equal(tuned["0.weight"], source["0.weight"])  # the second epoch trains everything
+    config, _ = read_run(both)
+    assert config["head_only_epochs"] == 1

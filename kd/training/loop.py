@@ -31,7 +31,7 @@ from kd.errors import KDError
 from kd.methods.base import EpochContext, Method, StepContext
 from kd.training.evaluate import evaluate as split_metrics, sync_buffers
 from kd.training.guards import Guard, Interrupted, TrainingDiverged
-from kd.training.optim import WARMUP_FRACTION, Plan, build_optimizer, build_scheduler, optimizer_steps_per_epoch
+from kd.training.optim import WARMUP_FRACTION, HeadOnlyEpochs, Plan, build_optimizer, build_scheduler, optimizer_steps_per_epoch
 from kd.training.rundir import SUMMARY_FILE, write_summary
 from kd.training.state import TrainState, check_room_for_checkpoints
 
@@ -137,6 +137,7 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
     """
     if settings.eval_every is not None and data.val is None:
         raise KDError("eval_every needs a validation split (--val-split)")
+    probe = HeadOnlyEpochs(module.net, data.num_classes, settings.head_only_epochs or 0)
     module, optimizer, scheduler, batches, plan, state = _prepare(
         module, data, settings, accelerator, run_dir, resume_from, augment, warmup_fraction,
     )
@@ -160,6 +161,7 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
             done = state.step - epoch * plan.steps_per_epoch  # > 0 only when resuming mid-epoch
             batches.set_epoch(epoch, done * accum, plan.steps_in(epoch) * accum)
             progress.set_description(f"{desc} epoch {epoch + 1}/{plan.epochs}")
+            probe.start_epoch(epoch)
             if done == 0:
                 state.epoch_start_seconds = state.train_seconds
             # This process's per-part loss sums over the epoch's micro-batches (a resumed epoch continues its own).
@@ -172,7 +174,8 @@ def fit(module: TrainModule, data: ImageDataset, settings: Settings, accelerator
                     parts = module(images, targets, context)
                     accelerator.backward(parts["loss"])  # divides by the accumulation steps
                     if accelerator.sync_gradients:
-                        last_lr = optimizer.param_groups[0]["lr"]
+                        last_lr = optimizer.param_groups[-1]["lr"]  # the full rate (with --layer-decay, the head's)
+                        probe.before_step(epoch)
                         optimizer.step()
                         if not accelerator.optimizer_step_was_skipped:  # fp16: the scaler skipped an overflowed step
                             scheduler.step()
@@ -253,7 +256,8 @@ def _prepare(module: TrainModule, data: ImageDataset, settings: Settings, accele
                 network.to(memory_format=torch.channels_last)
     if settings.compile:
         module.net.compile()  # in place: parameter names stay the same
-    optimizer = build_optimizer(module, settings.lr, settings.weight_decay)
+    optimizer = build_optimizer(module, settings.lr, settings.weight_decay, layer_decay=settings.layer_decay,
+                                num_classes=data.num_classes)
     scheduler = build_scheduler(optimizer, plan.total_steps, warmup_fraction)
     module, optimizer = accelerator.prepare(module, optimizer)
     state = TrainState(batches, accelerator.unwrap_model(module).criterion, accelerator.process_index, accelerator.num_processes)

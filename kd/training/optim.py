@@ -49,10 +49,67 @@ def param_groups_weight_decay(
     return groups
 
 
-def build_optimizer(module: nn.Module, lr: float, weight_decay: float, momentum: float = MOMENTUM) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum; no weight decay on biases, norms or `no_weight_decay()` names."""
-    groups = param_groups_weight_decay(module, weight_decay, no_weight_decay_list=module.no_weight_decay())
+def layer_decay_groups(net: nn.Module, weight_decay: float, layer_decay: float, num_classes: int) -> list[dict[str, Any]]:
+    """timm's layer-wise learning-rate decay groups for `net` (`timm.optim.param_groups_layer_decay`):
+    each group's "lr_scale" is layer_decay ** (layers above it), the classifier's 1.
+
+    timm models group their layers with their own `group_matcher`; other networks (torchvision's,
+    the built-ins) by timm's automatic grouping, which needs to know the classifier.
+    """
+    from timm.optim import param_groups_layer_decay
+
+    from kd.models.weights import classifier_names
+
+    if not hasattr(net, "group_matcher") and not (getattr(net, "pretrained_cfg", None) or {}).get("classifier"):
+        net.pretrained_cfg = {"classifier": classifier_names(net, num_classes)}  # where timm's grouping looks for the head
+    no_decay = net.no_weight_decay() if hasattr(net, "no_weight_decay") else ()
+    return param_groups_layer_decay(net, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+
+
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float, momentum: float = MOMENTUM,
+                    layer_decay: float | None = None, num_classes: int | None = None) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; no weight decay on biases, norms or `no_weight_decay()` names.
+
+    With `layer_decay` (a `TrainModule`, whose network has `num_classes` outputs) the network's
+    groups take timm's layer-wise rates (`layer_decay_groups`); the method's own parameters (the
+    C logits) and the classifier learn at the full rate.
+    """
+    if layer_decay is None:
+        groups = param_groups_weight_decay(module, weight_decay, no_weight_decay_list=module.no_weight_decay())
+    else:
+        own = {name.removeprefix("criterion.") for name in module.no_weight_decay() if name.startswith("criterion.")}
+        groups = (layer_decay_groups(module.net, weight_decay, layer_decay, num_classes)
+                  + param_groups_weight_decay(module.criterion, weight_decay, no_weight_decay_list=own))
+        for group in groups:
+            group["lr"] = lr * group.pop("lr_scale", 1.0)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+
+class HeadOnlyEpochs:
+    """`--head-only-epochs N`: a linear probe, then fine-tuning. For the first N epochs only the
+    classifier and the method's own parameters (the C logits) learn: the network body's gradients
+    are dropped before each step (SGD then leaves those weights, their momentum and their decay
+    alone) and its BatchNorm layers keep their running statistics (eval mode)."""
+
+    def __init__(self, net: nn.Module, num_classes: int, epochs: int) -> None:
+        from kd.models.weights import classifier_names
+
+        heads = classifier_names(net, num_classes) if epochs else ()
+        in_head = {id(p) for name in heads for p in net.get_submodule(name).parameters()}
+        self.epochs = epochs
+        self.body = [p for p in net.parameters() if id(p) not in in_head]
+        self.norms = [m for name, m in net.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._NormBase) and not any(name.startswith(h) for h in heads)]
+
+    def start_epoch(self, epoch: int) -> None:
+        if epoch < self.epochs:
+            for norm in self.norms:
+                norm.eval()
+
+    def before_step(self, epoch: int) -> None:
+        if epoch < self.epochs:
+            for param in self.body:
+                param.grad = None
 
 
 class WarmupCosine:

@@ -129,6 +129,20 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     _positive_int("batch_size", 64, "Batch size per process.", resume=True),
     Setting("lr", 0.05, "Peak learning rate (SGD, Nesterov momentum 0.9, warm-up + cosine).", type=float,
             valid=lambda v: v > 0, rule="positive", resume=True),
+    Setting(
+        "layer_decay", None,
+        "Layer-wise learning-rate decay for fine-tuning (timm's): each layer group learns at lr x DECAY^(groups above "
+        "it), the classifier and the C logits at the full rate. timm models group their own layers; others by timm's "
+        "automatic grouping. Typical: 0.65-0.75 for ViTs.", type=float, metavar="DECAY",
+        valid=lambda v: 0.0 < v <= 1.0, rule="in (0, 1]", resume=True,
+    ),
+    Setting(
+        "head_only_epochs", None,
+        "Linear probe, then fine-tune: for the first N epochs only the classifier (and the method's own parameters, "
+        "the C logits) learn; the body's weights and BatchNorm statistics stay as they started. Then everything "
+        "learns. For --pretrained / --pretrained-path runs whose new classifier would disturb the body at first.",
+        type=int, metavar="N", valid=lambda v: v >= 0, rule="a whole number >= 0", resume=True,
+    ),
     Setting("weight_decay", 5e-4, "Weight decay (not on biases, norms or the C logits).", type=float,
             valid=lambda v: v >= 0, rule=">= 0", resume=True),
     Setting("seed", 0, "Random seed (initialisation, shuffling, augmentation).", type=int, resume=True),
