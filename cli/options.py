@@ -65,7 +65,7 @@ def method_options(stage: str, default_text: str) -> Callable:
         if param.type is bool:
             options.append(click.option(param.flag, is_flag=True, default=False, help=f"{text}."))
             continue
-        defaults = ", ".join(f"{method} {format_default(p.default)}" for method, p in declared)
+        defaults = ", ".join(f"{method} {format_default(p)}" for method, p in declared)
         kind = click.Choice(param.choices) if param.choices else param.type
-        options.append(click.option(param.flag, type=kind, default=None, help=f"{text}. Default: {defaults}."))
+        options.append(click.option(param.flag, type=kind, default=None, metavar=param.metavar, help=f"{text}. Default: {defaults}."))
     return apply_options(options)

@@ -114,6 +114,9 @@ def build_method(name: str, num_classes: int, class_names: tuple[str, ...] | Non
 
 
 def format_default(value: Any) -> str:
+    """What --help and the method table say of a parameter's default (a `Param` says it itself with `default_text`)."""
+    if isinstance(value, Param):
+        return value.default_text or format_default(value.default)
     if value is None:
         return "from the file"
     if isinstance(value, bool):
@@ -129,6 +132,6 @@ def methods_markdown() -> str:
         stages = " and ".join(cls.stages)
         if cls.needs is not None:
             stages += f" (needs {'--teacher RUN_DIR, --teacher-model or --soft-labels FILE' if cls.needs == 'teacher' else '--proxy FILE'})"
-        params = ", ".join(f"`{p.flag}` {format_default(p.default)}" for p in cls.params) or "none"
+        params = ", ".join(f"`{p.flag}` {format_default(p)}" for p in cls.params) or "none"
         lines.append(f"| `{name}` | {stages} | {cls.summary} | {params} | {'yes' if cls.soft_targets else 'no'} |")
     return "\n".join(lines) + "\n"

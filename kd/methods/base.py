@@ -38,6 +38,8 @@ class Param:
     choices: tuple[str, ...] | None = None
     valid: Callable[[Any], bool] | None = None
     rule: str = ""  # what `valid` demands, for the error message ("in [0, 1)")
+    metavar: str | None = None  # the flag's placeholder in --help (FILE), else click's for the type
+    default_text: str | None = None  # what --help and the method table say of the default, when not the value itself
 
     @property
     def flag(self) -> str:

@@ -46,6 +46,7 @@ from kd.training.settings import augment_params, check_settings, recorded, resum
 DERIVED_RESUME_KEYS = (
     "stage", "dataset_name", "num_classes", "class_names", "in_channels", "method", "mode", "teacher_weights_sha256",
     "soft_labels_sha256", "augment_options", "world_size", "data_fingerprint", "pretrained_sha256", "pretrained_source",
+    "c_init_sha256",
 )
 
 
@@ -61,6 +62,7 @@ _DECIDED_BY = {
     "dataset_name": "--data-dir", "data_fingerprint": "--data-dir", "num_classes": "--data-dir",
     "class_names": "--data-dir", "in_channels": "--data-dir", "world_size": "processes (world size)",
     "pretrained_sha256": "--pretrained-path", "pretrained_source": "--pretrained",
+    "c_init_sha256": "--c-init",
 }
 
 
