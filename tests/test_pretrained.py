@@ -173,3 +173,123 @@ def test_bad_pretrained_teacher_input_is_one_line(tmp_path, weights, case, comma
     result = kd_in_process(*args, "--teacher-model", model, "--teacher-image-size", str(SIZE), *flags)
     assert_one_line_error(result, *fragments, **SHORT_ERROR)
     assert not (tmp_path / "out").exists() and not (tmp_path / "c.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# teachers of other class sets and channel counts: the network is built as the weights file says
+
+POSITIONS = [901, 17, 555, 3, 999, 0, 420, 64, 777, 300]  # where digit d sits among the 1000 classes
+
+
+@pytest.fixture(scope="module")
+def other_teachers(tmp_path_factory) -> dict:
+    """A 1000-class test_resnet (no names in its file) with a class-names file placing the digits at
+    POSITIONS; a 1-channel 10-class one; a 1-channel torchvision squeezenet1_1 file."""
+    import torchvision
+
+    folder = tmp_path_factory.mktemp("other-teachers")
+    torch.manual_seed(1)
+    wide = timm.create_model(MODEL, num_classes=1000).eval()
+    gray = timm.create_model(MODEL, num_classes=10, in_chans=1).eval()
+    names = [f"class{i}" for i in range(1000)]
+    for digit, position in enumerate(POSITIONS):
+        names[position] = DIGITS[digit]
+    files = {
+        "wide": wide, "gray": gray,
+        "wide_file": folder / "wide.safetensors", "names": folder / "names.txt", "missing_seven": folder / "no7.txt",
+        "gray_file": folder / "gray.safetensors", "tv_gray_file": folder / "tv-gray.pt",
+    }
+    save_file(wide.state_dict(), str(files["wide_file"]))
+    files["names"].write_text("\n".join(names) + "\n")
+    files["missing_seven"].write_text("\n".join("seven" if name == "7" else name for name in names) + "\n")
+    save_file(gray.state_dict(), str(files["gray_file"]), metadata={"class_names": json.dumps(DIGITS)})
+    squeeze = torchvision.models.squeezenet1_1(weights=None, num_classes=10).state_dict()
+    squeeze["features.0.weight"] = squeeze["features.0.weight"][:, :1].clone()
+    torch.save(squeeze, files["tv_gray_file"])
+    return files
+
+
+def test_superset_teacher_cmatrix_uses_the_datas_classes_among_its_own(tmp_path, other_teachers):
+    out = tmp_path / "posthoc.safetensors"
+    result = kd_in_process(
+        "cmatrix", "from-teacher", "--teacher-model", MODEL, "--teacher-weights", str(other_teachers["wide_file"]),
+        "--teacher-classes", str(other_teachers["names"]), "--teacher-image-size", str(SIZE), "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    cm = load_cmatrix(out)
+    assert cm.class_names == tuple(DIGITS) and cm.extra["teacher_num_classes"] == "1000"
+    wide = other_teachers["wide"]
+    expected = independent_posthoc(lambda x: wide(x)[:, POSITIONS])
+    torch.testing.assert_close(cm.probs.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_built_teacher_logits_are_the_networks_picked_and_reordered_by_name(tmp_path, weights, other_teachers):
+    from kd.models.pretrained import load_pretrained_teacher
+
+    data = load_dataset("digits")
+    images = (data.train.images[:8].float() / 255.0 - data.mean[0]) / data.std[0]
+    pixels = TF.normalize(TF.resize(images * data.std[0] + data.mean[0], [SIZE, SIZE], antialias=True).repeat(1, 3, 1, 1),
+                          [0.5] * 3, [0.5] * 3)
+    wide = load_pretrained_teacher(MODEL, other_teachers["wide_file"], SIZE, other_teachers["names"]).build(data)
+    torch.testing.assert_close(wide.net(images), other_teachers["wide"](pixels)[:, POSITIONS])
+    assert wide.shared_record()["teacher_num_classes"] == "1000"
+    reversed_names = tmp_path / "reversed.txt"  # the same 10 classes, in another order: re-ordered by name
+    reversed_names.write_text("\n".join(reversed(DIGITS)) + "\n")
+    flipped = load_pretrained_teacher(MODEL, weights["safetensors"], SIZE, reversed_names).build(data)
+    torch.testing.assert_close(flipped.net(images), weights["net"](pixels).flip(1))
+    assert "teacher_num_classes" not in flipped.shared_record()
+
+
+def test_one_channel_teacher_file_runs_on_gray_and_rgb_data(tmp_path, other_teachers):
+    import dataclasses
+
+    from kd.data.datasets import InMemorySplit
+    from kd.models.pretrained import load_pretrained_teacher
+
+    gray = load_dataset("digits")
+    assert gray.channels == 1
+    rgb_train = InMemorySplit(gray.train.images.repeat(1, 3, 1, 1), gray.train.labels)
+    rgb = dataclasses.replace(gray, channels=3, train=rgb_train, mean=gray.mean * 3, std=gray.std * 3)
+    pretrained = load_pretrained_teacher(MODEL, other_teachers["gray_file"], SIZE)
+    assert pretrained.input == InputConfig(1, (SIZE, SIZE), (0.5,), (0.5,))
+    images = (gray.train.images[:8].float() / 255.0 - gray.mean[0]) / gray.std[0]
+    pixels = TF.resize(images * gray.std[0] + gray.mean[0], [SIZE, SIZE], antialias=True)
+    with torch.no_grad():
+        expected = other_teachers["gray"](TF.normalize(pixels, [0.5], [0.5]))
+        torch.testing.assert_close(pretrained.build(gray).net(images), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pretrained.build(rgb).net(images.repeat(1, 3, 1, 1)), expected, rtol=1e-4, atol=1e-5)
+
+    out = tmp_path / "student"
+    result = kd_in_process(
+        "distill", "--teacher-model", f"timm:{MODEL}", "--teacher-weights", str(other_teachers["gray_file"]),
+        "--teacher-image-size", str(SIZE), "--model", "tiny_cnn", "--out", str(out), "--max-steps", "1", "--epochs", "1",
+    )
+    assert result.returncode == 0, result.stderr
+    config, _ = read_run(out)
+    assert config["teacher_input"] == {"channels": 1, "size": [SIZE, SIZE], "mean": [0.5], "std": [0.5]}
+    assert config["teacher_num_classes"] == 10
+
+
+@pytest.mark.parametrize("case", ["superset-no-names", "names-miss-a-class", "names-count", "tv-one-channel"])
+@pytest.mark.parametrize("command", ["distill", "from-teacher"])
+def test_other_class_set_misfits_are_one_line(tmp_path, other_teachers, weights, case, command):
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(DIGITS + ["ten"]) + "\n")
+    model, flags, fragments = {
+        "superset-no-names": (MODEL, ["--teacher-weights", str(other_teachers["wide_file"])],
+                              ["outputs 1000 classes", "has 10", "--teacher-classes"]),
+        "names-miss-a-class": (MODEL, ["--teacher-weights", str(other_teachers["wide_file"]),
+                                       "--teacher-classes", str(other_teachers["missing_seven"])], ["class '7'", "1000 classes"]),
+        "names-count": (MODEL, ["--teacher-weights", str(weights["safetensors"]), "--teacher-classes", str(short)],
+                        ["lists 11 class names", "outputs 10"]),
+        "tv-one-channel": ("tv:squeezenet1_1", ["--teacher-weights", str(other_teachers["tv_gray_file"])],
+                           ["features.0", "1 channel", "takes 3"]),
+    }[case]
+    if command == "distill":
+        args = ["distill", "--model", "tiny_cnn", "--out", str(tmp_path / "out"), *FAST]
+    else:
+        args = ["cmatrix", "from-teacher", "--out", str(tmp_path / "c.safetensors")]
+    result = kd_in_process(*args, "--teacher-model", model, "--teacher-image-size", str(SIZE), *flags)
+    assert_one_line_error(result, *fragments, **SHORT_ERROR)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c.safetensors").exists()

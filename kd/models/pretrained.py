@@ -14,11 +14,19 @@ with `torch.load(weights_only=True)` (also inside a checkpoint dict under "state
 "model" or "model_state_dict"). Class names travel in the safetensors metadata key
 `class_names` (a JSON list, as in C-matrix files), in a checkpoint dict's "class_names" entry,
 or in a text file with one name per line (`--teacher-classes`).
+
+The network is built as the file says: its class count from the classifier's weight, its input
+channel count from the first convolution's (timm's `in_chans`; torchvision's networks take 3),
+and the weights are loaded as they are (a teacher is used as trained). A teacher of the data's
+class count is used as it is (its names, if known, must be the data's: in another order, its
+logits are re-ordered by name). A teacher of more classes needs names: its logits are restricted
+to the data's classes, picked by name, in the data's order (`ClassSubset`).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +37,9 @@ from torch import nn
 
 from kd.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset
 from kd.errors import KDError, one_line
-from kd.models.weights import TIMM_PREFIX, TORCHVISION_PREFIXES, WeightsFile, read_weights_file
+from kd.models.weights import (
+    TIMM_PREFIX, TORCHVISION_PREFIXES, WeightsFile, classifier_names, first_conv_name, read_weights_file,
+)
 
 IMAGENET_SIZE = 224
 LUMINANCE = (0.299, 0.587, 0.114)  # RGB -> gray, as PIL's "L" mode
@@ -41,8 +51,10 @@ TEACHER_MODEL_HELP = (
 )
 TEACHER_WEIGHTS_HELP = (
     "Weights of --teacher-model: a safetensors file, or a PyTorch state dict (torch.load weights_only; also a "
-    "checkpoint dict holding it under state_dict, model or model_state_dict). Its output size must be the "
-    "dataset's class count; class names in it (safetensors metadata key class_names, a JSON list) must match the dataset's."
+    "checkpoint dict holding it under state_dict, model or model_state_dict). The network is built with the file's "
+    "class count and input channels (1 or 3; torchvision models: 3). Its classes must be the dataset's or a superset "
+    "of them, by name (safetensors metadata key class_names, a JSON list, or --teacher-classes): a superset's logits "
+    "are restricted to the dataset's classes, in the dataset's order."
 )
 TEACHER_IMAGE_SIZE_HELP = (
     "Side length the --teacher-model sees (default: its own, from timm's pretrained config or torchvision's "
@@ -50,7 +62,8 @@ TEACHER_IMAGE_SIZE_HELP = (
 )
 TEACHER_CLASSES_HELP = (
     "Text file with the --teacher-model's class names, one per line, in output order (overrides names in the "
-    "weights file); they must equal the dataset's."
+    "weights file); they must include every class of the dataset. Needed when the teacher has more classes than "
+    "the dataset and its weights file names none."
 )
 
 
@@ -65,11 +78,15 @@ class Teacher:
     record: dict[str, Any] = field(default_factory=dict)  # config.json / C-matrix provenance
 
     def shared_record(self) -> dict[str, str]:
-        """What a shared file (a C-matrix, soft labels) records of the weights: the file's name and SHA-256, not where it lay."""
+        """What a shared file (a C-matrix, soft labels) records of the weights: the file's name and SHA-256, not where
+        it lay; and the teacher's class count where its logits were restricted to the data's classes."""
         if "teacher_weights" not in self.record:
             return {}
-        return {"teacher_weights": Path(self.record["teacher_weights"]).name,
-                "teacher_weights_sha256": self.record["teacher_weights_sha256"]}
+        shared = {"teacher_weights": Path(self.record["teacher_weights"]).name,
+                  "teacher_weights_sha256": self.record["teacher_weights_sha256"]}
+        if "teacher_num_classes" in self.record:
+            shared["teacher_num_classes"] = str(self.record["teacher_num_classes"])
+        return shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +227,17 @@ def teacher_input_config(spec: ModelSpec, image_size: int | None = None) -> Inpu
     return InputConfig(channels, (height, width), _per_channel(mean, channels), _per_channel(std, channels))
 
 
+def with_channels(config: InputConfig, channels: int) -> InputConfig:
+    """`config` for a network of `channels` input channels: gray takes the mean of the RGB means and stds."""
+    if channels == config.channels:
+        return config
+    if channels == 1:
+        mean, std = (sum(config.mean) / len(config.mean),), (sum(config.std) / len(config.std),)
+    else:
+        mean, std = _per_channel(config.mean[:1], channels), _per_channel(config.std[:1], channels)
+    return InputConfig(channels, config.size, mean, std)
+
+
 class TeacherInput(nn.Module):
     """The data's normalised batches -> the teacher's input (see the module docstring)."""
 
@@ -239,16 +267,30 @@ class TeacherInput(nn.Module):
         return (pixels - self.teacher_mean) / self.teacher_std
 
 
-class AdaptedTeacher(nn.Module):
-    """A pretrained network behind its input adapter: `net(adapter(images))`."""
+class ClassSubset(nn.Module):
+    """Logits (N, K) -> (N, len(rows)): the columns `rows`, in that order (the data's classes among the teacher's)."""
 
-    def __init__(self, adapter: TeacherInput, net: nn.Module) -> None:
+    def __init__(self, rows: Sequence[int]) -> None:
+        super().__init__()
+        self.register_buffer("rows", torch.tensor(list(rows), dtype=torch.long), persistent=False)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_select(1, self.rows)
+
+
+class AdaptedTeacher(nn.Module):
+    """A pretrained network behind its input adapter, its logits restricted to some classes if `rows` says:
+    `net(adapter(images))[:, rows]`."""
+
+    def __init__(self, adapter: TeacherInput, net: nn.Module, rows: Sequence[int] | None = None) -> None:
         super().__init__()
         self.adapter = adapter
         self.net = net
+        self.classes = ClassSubset(rows) if rows is not None else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(self.adapter(images))
+        logits = self.net(self.adapter(images))
+        return self.classes(logits) if self.classes is not None else logits
 
 
 def read_class_names_file(path: str | os.PathLike) -> list[str]:
@@ -270,12 +312,15 @@ def read_class_names_file(path: str | os.PathLike) -> list[str]:
 # a pretrained teacher
 
 
-def _build_network(spec: ModelSpec, num_classes: int) -> nn.Module:
+PROBE_CLASSES = 7  # the class count of the network built to find the classifier (an unlikely layer width)
+
+
+def _build_network(spec: ModelSpec, num_classes: int, channels: int = 3) -> nn.Module:
     try:
         if spec.library == "timm":
             import timm
 
-            return timm.create_model(spec.name, pretrained=False, num_classes=num_classes)
+            return timm.create_model(spec.name, pretrained=False, num_classes=num_classes, in_chans=channels)
         import torchvision.models
 
         return torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes)
@@ -283,23 +328,54 @@ def _build_network(spec: ModelSpec, num_classes: int) -> nn.Module:
         raise KDError(f"teacher {spec.display} cannot be built with {num_classes} classes: {one_line(error, 120)}") from None
 
 
-def _load_weights(net: nn.Module, weights: WeightsFile, spec: ModelSpec, num_classes: int) -> None:
-    """Load `weights` into `net` (built for `num_classes`), explaining a class-count or layout mismatch."""
+def _probe_network(spec: ModelSpec) -> nn.Module:
+    """The network built for `PROBE_CLASSES` classes, to find its classifier and first convolution: on the
+    meta device (no memory, no initialisation), else, for a network that cannot be built there, on the CPU."""
+    try:
+        with torch.device("meta"):
+            return _build_network(spec, PROBE_CLASSES)
+    except Exception:  # noqa: BLE001 - some networks compute values while they are built
+        return _build_network(spec, PROBE_CLASSES)
+
+
+def file_layout(spec: ModelSpec, weights: WeightsFile) -> tuple[int | None, int]:
+    """(the class count, the input channel count) of `spec`'s network as `weights` hold it: the classifier's
+    weight's rows, and the first convolution's input channels (None / 3 where the file lacks the tensor)."""
+    probe = _probe_network(spec)
+    state = weights.state
+    try:
+        heads = classifier_names(probe, PROBE_CLASSES)
+    except KDError:
+        heads = ()
+    counts = {int(state[key].shape[0]) for head in heads for key in (f"{head}.weight", f"{head}.bias")
+              if key in state and state[key].ndim >= 1}
+    num_classes = counts.pop() if len(counts) == 1 else None
+    channels = 3
+    conv = first_conv_name(probe)
+    key = f"{conv}.weight" if conv else None
+    if key in state and state[key].ndim == 4:
+        channels = int(state[key].shape[1]) * int(probe.get_submodule(conv).groups)
+    if channels != 3 and spec.library == "torchvision":
+        raise KDError(
+            f"--teacher-weights {weights.path}: its first convolution {conv} takes {channels} channel(s); "
+            f"torchvision's {spec.name} takes 3: save the teacher with 3 input channels, or use a timm model (timm:NAME)"
+        )
+    if channels not in (1, 3):
+        raise KDError(
+            f"--teacher-weights {weights.path}: its first convolution {conv} takes {channels} channels; "
+            "a teacher takes 1 (gray) or 3 (RGB)"
+        )
+    return num_classes, channels
+
+
+def _load_weights(net: nn.Module, weights: WeightsFile, spec: ModelSpec) -> None:
+    """Load `weights` into `net` (built with their class and channel counts) as they are, naming the first misfit."""
     expected = net.state_dict()
     state = weights.state
     mismatched = [
         (key, tuple(value.shape), tuple(expected[key].shape))
         for key, value in state.items() if key in expected and value.shape != expected[key].shape
     ]
-    head_sizes = {
-        got[0] for _, got, want in mismatched
-        if got and want and want[0] == num_classes and got[1:] == want[1:]
-    }
-    if mismatched and len(head_sizes) == 1 and all(got[1:] == want[1:] for _, got, want in mismatched):
-        raise KDError(
-            f"teacher {spec.display} ({weights.path}) outputs {head_sizes.pop()} classes, "
-            f"the dataset has {num_classes}: use weights trained for this dataset's classes"
-        )
     missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state if key not in expected]
     problems = []
@@ -316,7 +392,7 @@ def _load_weights(net: nn.Module, weights: WeightsFile, spec: ModelSpec, num_cla
 
 
 def check_teacher_class_names(names: Sequence[str] | None, data_names: Sequence[str], where: str) -> None:
-    """A one-line `KDError` naming the first difference between the teacher's class names and the data's."""
+    """A one-line `KDError` naming the first difference between the teacher's class names and the data's (in order)."""
     if names is None:
         return
     if len(names) != len(data_names):
@@ -329,33 +405,87 @@ def check_teacher_class_names(names: Sequence[str] | None, data_names: Sequence[
             )
 
 
+def teacher_rows(
+    names: Sequence[str] | None, num_classes: int, data_names: Sequence[str], where: str, teacher: str
+) -> list[int] | None:
+    """The teacher's outputs that give the data's classes, in the data's order; None: all of them, as they are.
+
+    `names`: the teacher's class names (from `where`), if known; `num_classes`: its output count. Any
+    misfit is a one-line `KDError` (`teacher` names the network in it).
+    """
+    data_names = list(data_names)
+    if names is None:
+        if num_classes == len(data_names):
+            return None
+        advice = (f"pass --teacher-classes FILE naming the teacher's {num_classes} classes (one per line, in output order) "
+                  "to use the dataset's classes among them" if num_classes > len(data_names)
+                  else "use weights trained for this dataset's classes (or a superset of them)")
+        raise KDError(f"teacher {teacher} outputs {num_classes} classes, the dataset has {len(data_names)}: {advice}")
+    names = list(names)
+    if len(names) != num_classes:
+        raise KDError(f"{where} lists {len(names)} class names, but teacher {teacher} outputs {num_classes} classes")
+    if names == data_names:
+        return None
+    if len(names) == len(data_names) and set(names) != set(data_names):
+        check_teacher_class_names(names, data_names, where)  # names the first difference, by position
+    counts = Counter(names)
+    missing = next((name for name in data_names if name not in counts), None)
+    if missing is not None:
+        raise KDError(
+            f"the dataset's class {missing!r} is not among the teacher's {num_classes} classes ({where}): "
+            "they must include all the dataset's classes"
+        )
+    twice = next((name for name in data_names if counts[name] > 1), None)
+    if twice is not None:
+        raise KDError(f"{where} names class {twice!r} more than once: which of the teacher's outputs is it?")
+    index = {name: row for row, name in enumerate(names)}
+    return [index[name] for name in data_names]
+
+
 @dataclass
 class PretrainedTeacher:
-    """A pretrained teacher read and checked before any data is: its name, input, weights, class names."""
+    """A pretrained teacher read and checked before any data is: its name, input, weights, class names, and the
+    class count its weights give (None where the file has no classifier tensor: loading it names what is missing)."""
 
     spec: ModelSpec
-    input: InputConfig
+    input: InputConfig  # its channels are the weights file's
     weights: WeightsFile
     class_names: list[str] | None
     class_names_from: str  # where the names came from, for error messages
+    num_classes: int | None = None
 
     def record(self) -> dict[str, Any]:
         """What config.json and C-matrix provenance record about the teacher."""
-        return {
+        record = {
             "teacher_model": self.spec.display,
             "teacher_weights": str(self.weights.path.expanduser().resolve()),
             "teacher_weights_sha256": self.weights.sha256,
             "teacher_input": self.input.to_dict(),
         }
+        if self.num_classes is not None:
+            record["teacher_num_classes"] = self.num_classes
+        return record
 
     def build(self, data: ImageDataset) -> Teacher:
-        """The network with its weights, behind an adapter from `data`'s batches; checked against its classes."""
-        net = _build_network(self.spec, data.num_classes)
-        _load_weights(net, self.weights, self.spec, data.num_classes)
-        check_teacher_class_names(self.class_names, data.class_names, self.class_names_from)
-        _dry_forward(net, self.spec, self.input, data.num_classes)
-        adapted = AdaptedTeacher(TeacherInput(data.mean, data.std, self.input), net.eval())
-        return Teacher(net=adapted.eval(), model=self.spec.display, record=self.record())
+        """The network with its weights, behind an adapter from `data`'s batches, its logits restricted to (or
+        re-ordered as) `data`'s classes where its own are more (or in another order)."""
+        num_classes = self.num_classes if self.num_classes is not None else data.num_classes
+        channels = self.input.channels
+        if channels != data.channels and {channels, data.channels} != {1, 3}:
+            raise KDError(
+                f"teacher {self.spec.display} takes {channels}-channel images, the dataset has {data.channels} channels: "
+                "only gray <-> RGB is converted"
+            )
+        net = _build_network(self.spec, num_classes, channels)
+        _load_weights(net, self.weights, self.spec)
+        rows = teacher_rows(self.class_names, num_classes, data.class_names, self.class_names_from,
+                            f"{self.spec.display} ({self.weights.path})")
+        _dry_forward(net, self.spec, self.input, num_classes)
+        adapted = AdaptedTeacher(TeacherInput(data.mean, data.std, self.input), net.eval(), rows)
+        record = self.record()
+        if num_classes == data.num_classes:  # a shared file records the teacher's class count where it was restricted
+            record.pop("teacher_num_classes", None)
+        return Teacher(net=adapted.eval(), model=self.spec.display, record=record)
 
 
 def _dry_forward(net: nn.Module, spec: ModelSpec, config: InputConfig, num_classes: int) -> None:
@@ -394,8 +524,13 @@ def load_pretrained_teacher(
     spec = parse_teacher_model(model)
     input_config = teacher_input_config(spec, image_size)
     read = read_weights_file(weights, "--teacher-weights")
+    num_classes, channels = file_layout(spec, read)
+    input_config = with_channels(input_config, channels)
     if classes_file is not None:
         names, names_from = read_class_names_file(classes_file), f"--teacher-classes {classes_file}"
     else:
         names, names_from = read.class_names, f"--teacher-weights {weights}"
-    return PretrainedTeacher(spec, input_config, read, names, names_from)
+    if names is not None and num_classes is not None and len(names) != num_classes:
+        raise KDError(f"{names_from} lists {len(names)} class names, but teacher {spec.display} ({weights}) "
+                      f"outputs {num_classes} classes")
+    return PretrainedTeacher(spec, input_config, read, names, names_from, num_classes)
