@@ -195,3 +195,17 @@ def test_readme_paper_tables_are_the_committed_results():
             blocks_here = len(paper_cifar10.block_pattern(name).findall(text))
             assert text.count(f"<!-- paper:{name} -->") == text.count(f"<!-- /paper:{name} -->") == blocks_here, (
                 f"{path.relative_to(ROOT)}: unpaired <!-- paper:{name} --> markers")
+
+
+def test_transfer_benchmark_fills_its_table_and_skips_finished_runs(tmp_path, cifar10_subset):
+    args = ["benchmarks/transfer_cifar10.py", "--data-dir", str(cifar10_subset), "--smoke", "--seeds", "0",
+            "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]
+    run_script(*args)
+    rows = json.loads((tmp_path / "transfer_cifar10.json").read_text())["rows"]
+    assert len(rows) == 7 and all(len(runs) == 1 for runs in rows.values()), rows  # 4 teachers, 3 students, seed 0
+    config = json.loads((tmp_path / "runs" / "lspp-pretrained-s0" / "config.json").read_text())
+    assert config["pretrained_path"].endswith("pretrain-source5/model.safetensors")
+    assert config["class_names"] == ["dog", "frog", "horse", "ship", "truck"]
+    before = (tmp_path / "runs" / "student-kd-s0" / "metrics.json").stat().st_mtime_ns
+    run_script(*args)  # everything finished: nothing trains again
+    assert (tmp_path / "runs" / "student-kd-s0" / "metrics.json").stat().st_mtime_ns == before
