@@ -209,3 +209,12 @@ def test_transfer_benchmark_fills_its_table_and_skips_finished_runs(tmp_path, ci
     before = (tmp_path / "runs" / "student-kd-s0" / "metrics.json").stat().st_mtime_ns
     run_script(*args)  # everything finished: nothing trains again
     assert (tmp_path / "runs" / "student-kd-s0" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_streaming_pipeline_benchmark_compares_both_pipelines(tmp_path, cifar10_subset):
+    run_script("benchmarks/streaming_pipeline.py", "--data-dir", str(cifar10_subset), "--size", "72", "--per-class", "20",
+               "--repeats", "1", "--workers", "1", "--results-dir", str(tmp_path))
+    report = json.loads((tmp_path / "streaming_pipeline.json").read_text())
+    assert set(report["runs"]) == {"ours", "torchvision"} and report["ours_over_torchvision_median"] > 0
+    assert all(run["images"] > 0 and run["peak_memory_mb"] > 0 for runs in report["runs"].values() for run in runs)
+    assert "Where ours spends a batch" in (tmp_path / "streaming_pipeline.md").read_text()
