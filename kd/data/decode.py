@@ -28,6 +28,12 @@ _FAST_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 GRAY_MODES = frozenset({"L", "LA", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 
+# A file over this size has its header read by PIL before torchvision decodes it, so a
+# decompression bomb (over twice PIL.Image.MAX_IMAGE_PIXELS) is refused, as PIL and torchvision's
+# ImageFolder refuse it, before torchvision allocates its pixels. A smaller PNG or (Huffman-coded)
+# JPEG cannot unpack to that many: deflate packs at most 1032 bytes into one.
+_UNCHECKED_BYTES = 64 * 2**10
+
 # Decoding happens in chunks of about this many bytes per worker round trip.
 _CHUNK_BYTES = 2 * 2**20
 _MIN_CHUNK = 64
@@ -93,6 +99,8 @@ def _decode_one(path: str, channels: int, size: int) -> torch.Tensor:
     """One image as a uint8 channels x size x size tensor: torchvision.io for JPEG/PNG/WebP, else PIL."""
     image = None
     if path.lower().endswith(_FAST_EXTENSIONS):
+        if os.path.getsize(path) > _UNCHECKED_BYTES:
+            _probe(path)  # a bomb (or a large file that is no image) is a KDError, before it is read whole
         try:
             from torchvision.io import ImageReadMode, decode_image
 

@@ -1,20 +1,29 @@
 """Reading an ImageFolder tree: ``data_dir/train/<class>/*`` and ``data_dir/test/<class>/*`` (or ``val/``).
 
-`read_imagefolder` scans the tree (classes and files in torchvision ImageFolder's order; hidden
-folders such as ``.ipynb_checkpoints`` are no classes), decides the geometry from the headers of
-a few hundred training images spread over the classes (`decide_geometry`), and either decodes
-every image into memory (small images that fit) or checks every file's header for streaming.
-`kd.data.datasets` turns the result into an `ImageDataset`. Reading the files themselves is
-`kd.data.decode`'s business.
+`read_imagefolder` scans the tree (classes and files in torchvision ImageFolder's order), decides
+the geometry from the headers of a few hundred training images spread over the classes
+(`decide_geometry`), and either decodes every image into memory (small images that fit) or checks
+every file's header for streaming. `kd.data.datasets` turns the result into an `ImageDataset`.
+Reading the files themselves is `kd.data.decode`'s business.
+
+Which files count is decided in one place, `class_images`, which the `--resume` fingerprint
+(`kd.data.fingerprint`) uses too: regular files (or links to them) with an image ending, in the
+class folders and their subfolders, links to folders followed as torchvision follows them; hidden
+files and folders (``.ipynb_checkpoints``) are left out. A folder reached twice (a link loop, two
+links to one folder) and a name that is not one line of UTF-8 text are refused; an image name on
+a special file (FIFO, socket, device) or a broken link is never opened, but is an unreadable image.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import stat
 from collections import Counter
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -29,6 +38,11 @@ MAX_IN_MEMORY_SIDE = 64
 _PROBE_FILES = 512
 
 _LAYOUT = "train/<class>/<images> and test/<class>/<images>"
+# What a name the data layer shows, hashes and writes may not hold: an undecodable byte (which
+# Python holds as a lone surrogate) or a control character (a line break, a tab).
+_NOT_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAME = attrgetter("name")
+_SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 # A split's samples: (image path, label) pairs.
 Samples = list[tuple[str, int]]
 
@@ -61,7 +75,7 @@ def _folder_error(what: str, folder: str | os.PathLike, error: OSError) -> KDErr
     return KDError(f"cannot read {what} {folder}: {error.strerror or one_line(error, 300)}")
 
 
-def _scan(folder: Path, what: str) -> list[os.DirEntry]:
+def _scan(folder: str | os.PathLike, what: str) -> list[os.DirEntry]:
     """The entries of `folder`; a one-line KDError naming it when it cannot be listed."""
     try:
         with os.scandir(folder) as entries:
@@ -70,11 +84,30 @@ def _scan(folder: Path, what: str) -> list[os.DirEntry]:
         raise _folder_error(what, folder, error) from None
 
 
+def _check_names(folder: str, names: list[str]) -> None:
+    """A one-line KDError when one of `names` (in `folder`; `folder` itself when none is given) is
+    not one line of UTF-8 text. One search per folder: it runs on every image's name."""
+    if _NOT_TEXT.search("/".join(names or [folder])):
+        bad = next((os.path.join(folder, name) for name in names if _NOT_TEXT.search(name)), folder)
+        raise KDError(f"the name of {bad!r} is not UTF-8 text on one line (an undecodable byte or a "
+                      "control character such as a line break); rename it")
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one (a link that cannot be followed is none, as for os.walk)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _root(data_dir: str | os.PathLike | None, expected: str, refuse_empty: bool) -> Path:
     """The data directory, checked as far as its train/ folder; a one-line KDError naming what is wrong."""
     if data_dir is None:
         raise KDError(f"imagefolder needs --data-dir DIR holding {expected}")
     root = Path(os.path.expanduser(os.fspath(data_dir)))
+    for path in (str(root), os.path.realpath(root)):  # the real folder's name is the dataset's
+        _check_names(path, [])
     if not root.exists():
         raise KDError(f"data directory not found: {root}")
     if not root.is_dir():
@@ -86,11 +119,17 @@ def _root(data_dir: str | os.PathLike | None, expected: str, refuse_empty: bool)
     return root
 
 
+def class_folders(split_dir: str | os.PathLike) -> list[str]:
+    """The sorted class folders of a split (maybe none). Hidden folders (`.ipynb_checkpoints`) are no classes."""
+    entries = _scan(split_dir, "folder")
+    names = sorted(entry.name for entry in entries if not entry.name.startswith(".") and _is_dir(entry))
+    _check_names(os.fspath(split_dir), names)
+    return names
+
+
 def _class_folders(split_dir: Path) -> list[str]:
-    """The sorted class folders of a split. Hidden folders (`.ipynb_checkpoints`, `.git`) are no classes."""
-    names = sorted(
-        entry.name for entry in _scan(split_dir, "folder") if entry.is_dir() and not entry.name.startswith(".")
-    )
+    """`class_folders`, or a one-line KDError when there are none."""
+    names = class_folders(split_dir)
     if not names:
         raise KDError(f"no class folders in {split_dir}; expected {split_dir}{os.sep}<class>{os.sep}<image files>")
     return names
@@ -101,26 +140,89 @@ def imagefolder_class_names(data_dir: str | os.PathLike | None) -> list[str]:
     return _class_folders(_root(data_dir, "train/<class>/<images>", refuse_empty=False) / "train")
 
 
-def _list_images(split_dir: Path, class_names: Sequence[str]) -> Samples:
-    """(path, label) pairs in torchvision ImageFolder's order: classes sorted, then files sorted."""
-    samples: Samples = []
-    for label, name in enumerate(class_names):
+def class_images(
+    split_dir: str | os.PathLike, class_names: Sequence[str]
+) -> Iterator[tuple[str, list[os.DirEntry], list[str]]]:
+    """For each class folder of a split, in order: its path, the image files that count (in
+    torchvision ImageFolder's order: folders sorted by their path, files by name), and a one-line
+    message for each image name that is no file to read (a special file, a broken link). See the
+    module docstring for the rule; no file is opened. A one-line KDError when a folder is reached
+    twice, a name is not one line of UTF-8 text, or a folder cannot be listed.
+    """
+    seen: dict[tuple[int, int], str] = {}  # (device, inode) of each folder read -> its path
+
+    def enter(folder: str, what: str) -> None:
+        try:
+            info = os.stat(folder)
+        except OSError as error:
+            raise _folder_error(what, folder, error) from None
+        first = seen.setdefault((info.st_dev, info.st_ino), folder)
+        if first != folder:
+            raise KDError(f"folder {folder} is {first} again, through a symbolic link: its images would be "
+                          "read twice; remove the link")
+
+    def images_under(class_folder: str) -> tuple[list[os.DirEntry], list[str]]:
+        found: list[tuple[str, list[os.DirEntry]]] = []  # (folder, its image files sorted by name)
+        bad: list[str] = []
+        folders = [(class_folder, "class folder")]
+        while folders:
+            folder, what = folders.pop()
+            enter(folder, what)
+            files, names = [], []
+            for entry in _scan(folder, what):
+                name = entry.name
+                if name.startswith("."):  # a hidden folder or file
+                    continue
+                try:  # both follow links; no system call for a plain file or folder on most file systems
+                    is_file = entry.is_file()
+                    is_dir = not is_file and entry.is_dir()
+                except OSError:  # a link that cannot be followed (a loop)
+                    is_file = is_dir = False
+                if is_dir:
+                    folders.append((entry.path, "folder"))
+                elif not is_image_file(name):
+                    continue
+                elif is_file:
+                    files.append(entry)
+                else:
+                    bad.append(one_line(f"cannot read image {entry.path}: {_not_a_file(entry)}", 300))
+                names.append(name)
+            _check_names(folder, names)
+            found.append((folder, sorted(files, key=_NAME)))
+        found.sort(key=lambda pair: pair[0])
+        return [entry for _, files in found for entry in files], sorted(bad)
+
+    enter(os.fspath(split_dir), "folder")
+    for name in class_names:
         folder = os.path.join(split_dir, name)
+        yield (folder, *images_under(folder))
 
-        def unreadable(error: OSError, folder: str = folder) -> None:
-            where = error.filename or folder
-            raise _folder_error("class folder" if where == folder else "folder", where, error)
 
-        found = 0
-        for dirpath, _, filenames in sorted(os.walk(folder, onerror=unreadable, followlinks=True)):
-            for filename in sorted(filenames):
-                path = os.path.join(dirpath, filename)
-                if is_image_file(path):
-                    samples.append((path, label))
-                    found += 1
-        if found == 0:
+def _not_a_file(entry: os.DirEntry) -> str:
+    """Why an image name that is neither a folder nor a regular file (or a link to one) is no file
+    to read, found without opening it: opening a FIFO blocks, a device may never end."""
+    try:
+        mode = entry.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link"
+    except OSError as error:
+        return error.strerror or one_line(error, 200)
+    return f"not a regular file but {_SPECIAL.get(stat.S_IFMT(mode), 'a special file')}"
+
+
+def _list_images(split_dir: Path, class_names: Sequence[str], skip_bad: bool) -> tuple[Samples, list[str]]:
+    """(path, label) pairs in torchvision ImageFolder's order (see `class_images`), and the messages
+    of the image names that are no file to read (a KDError for the first, unless `skip_bad`)."""
+    samples: Samples = []
+    skipped: list[str] = []
+    for label, (folder, files, bad) in enumerate(class_images(split_dir, class_names)):
+        if bad and not skip_bad:
+            raise KDError(bad[0])
+        if not files:
             raise KDError(f"no images in class folder {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return samples
+        samples.extend((entry.path, label) for entry in files)
+        skipped.extend(bad)
+    return samples, skipped
 
 
 def _spread(samples: Sequence[tuple[str, int]], limit: int) -> list[int]:
@@ -199,9 +301,12 @@ def read_imagefolder(
 
     class_names = _class_folders(train_dir)
     _check_test_classes(train_dir, test_dir, class_names)
-    splits = {"train": (train_dir, _list_images(train_dir, class_names)),
-              test_dir.name: (test_dir, _list_images(test_dir, class_names))}
+    splits: dict[str, tuple[Path, Samples]] = {}
     skipped: list[str] = []  # the messages of the unreadable files skipped, in order
+    for split, folder in (("train", train_dir), (test_dir.name, test_dir)):
+        samples, bad = _list_images(folder, class_names, skip_bad)
+        splits[split] = (folder, samples)
+        skipped.extend(bad)
 
     def drop(split: str, failures: list[Failure]) -> Samples:
         folder, samples = splits[split]
