@@ -93,3 +93,36 @@ def test_weights_that_cannot_be_written_are_one_line_and_leave_no_temporary(smal
     result = kd_in_process(*RUN[:-2], "--out", str(run))  # no checkpoints
     assert_one_line_error(result, "No space left on device", "writing model.safetensors", ignore=PROGRESS)
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "summary.csv"]
+
+
+ONE_EPOCH = ["train-teacher", "--dataset", "digits", "--model", "tiny_cnn", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("leave_kib,file,written", [
+    (40, "cmatrix.safetensors", ["config.json", "model.safetensors", "summary.csv"]),  # room for the weights, not the C-matrix
+    (44, "metrics.json", ["cmatrix.safetensors", "config.json", "model.safetensors", "summary.csv"]),
+])
+def test_a_c_matrix_or_metrics_that_cannot_be_written_is_one_line(small_disk, leave_kib, file, written):
+    fill(small_disk, leave_kib * 1024)
+    run = small_disk / "run"
+    result = kd_in_process(*ONE_EPOCH, "--out", str(run))
+    assert_one_line_error(result, "No space left on device", f"writing {file}", ignore=PROGRESS)
+    assert sorted(p.name for p in run.iterdir()) == written  # no temporary, nothing half-written
+
+
+def test_overwrite_staging_on_a_full_disk_leaves_the_old_run_intact(small_disk, tmp_path):
+    run = small_disk / "run"
+    assert kd_in_process(*ONE_EPOCH, "--out", str(run)).returncode == 0
+    old = {p.name: p.read_bytes() for p in run.iterdir()}
+    filler = fill(small_disk, 36 * 1024)  # the staged config.json and summary.csv fit, its weights do not
+    result = kd_in_process(*ONE_EPOCH, "--seed", "1", "--out", str(run), "--overwrite")
+    assert_one_line_error(result, "No space left on device", "writing model.safetensors", ".kd-staging", ignore=PROGRESS)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == old  # the old run, byte for byte
+    assert leftovers(run) == []
+    filler.unlink()
+    assert kd_in_process(*ONE_EPOCH, "--seed", "1", "--out", str(run), "--overwrite").returncode == 0
+    plain = tmp_path / "plain"
+    assert kd_in_process(*ONE_EPOCH, "--seed", "1", "--out", str(plain)).returncode == 0
+    replaced, straight = tensors(run / "model.safetensors"), tensors(plain / "model.safetensors")
+    assert all(replaced[name].equal(straight[name]) for name in straight)
+    assert not (run / ".kd-staging").exists()
