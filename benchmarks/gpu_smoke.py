@@ -33,6 +33,8 @@ safetensors, click, tqdm, scikit-learn, matplotlib, pillow) and no network:
    - `teacher_epoch_benchmark`: benchmarks/gpu_teacher_epoch.py on the tree or `--data-dir`;
    - `reference_pipeline`: benchmarks/throughput.py's teacher part on the same data: training
      img/s of the paper's AlexNet and LeNet with LS++, ours against the paper's reference recipe;
+   - `finetune_bf16`: `--pretrained-path` from 1,000-class RGB weights written from a random init,
+     with `--layer-decay 0.7 --head-only-epochs 1`, on the tree (streamed), in bf16;
    - `sync_probe`: in-process, `torch.cuda.set_sync_debug_mode("warn")` around a few steps of
      `kd.training.loop.fit` for lspp, proxy with mixup/cutmix, kd and randaugment: synchronising
      operations counted per step, with where they come from (and the explicit
@@ -77,6 +79,7 @@ JSON_NAME, LOG_NAME = "gpu_smoke.json", "gpu_smoke.log"
 CHECKS = (
     "install", "teacher_bf16", "teacher_fp16", "teacher_ols", "student_proxy_mix", "student_kd",
     "imagefolder_randaugment", "compile", "resume_bitwise", "teacher_epoch_benchmark", "reference_pipeline", "sync_probe",
+    "finetune_bf16",
 )
 TEST_METRICS = ("test_top1", "test_nll", "test_ece", "test_mean_confidence")
 KEPT_METRICS = (*TEST_METRICS, "steps", "epochs", "train_seconds", "images_per_second", "peak_memory_mb", "peak_memory_kind",
@@ -482,6 +485,30 @@ def check_imagefolder(session: Session, data: dict[str, Path]) -> None:
         session, ["train-teacher", "--dataset", "imagefolder", "--data-dir", str(data["tree"]), "--model", "small_cnn", *s.tree_run,
                   "--augment", "crop,flip,randaugment", "--mixed-precision", "bf16"],
         out=out, precision="bf16", expect=streamed))
+
+
+def check_finetune(session: Session, data: dict[str, Path]) -> None:
+    """Fine-tuning from 1,000-class RGB weights (written here from a random init, as an ImageNet checkpoint)
+    on the 10-class tree, streamed, with --layer-decay and --head-only-epochs, in bf16."""
+    from safetensors.torch import save_file
+
+    from kd.models.networks import build_model
+
+    s = session.sizes
+    weights = session.work / "imagenet_like.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model(s.big_model, 1000, 3, 72).state_dict().items()}, str(weights))
+    out = session.work / "finetune_bf16"
+
+    def started_from_the_file(metrics: dict[str, Any]) -> list[str]:
+        config = json.loads((out / "config.json").read_text())
+        metrics["pretrained_sha256"] = config.get("pretrained_sha256")
+        return [] if config.get("pretrained_sha256") and config.get("layer_decay") == 0.7 else ["config.json lacks the weights' source"]
+
+    session.record("finetune_bf16", kd_check(
+        session, ["train-teacher", "--dataset", "imagefolder", "--data-dir", str(data["tree"]), "--model", s.big_model,
+                  "--pretrained-path", str(weights), "--layer-decay", "0.7", "--head-only-epochs", "1", *s.tree_run,
+                  "--mixed-precision", "bf16"],
+        out=out, precision="bf16", expect=started_from_the_file))
 
 
 def check_compile(session: Session, data: dict[str, Path]) -> None:
@@ -916,6 +943,7 @@ def main() -> int:
             (("reference_pipeline",), check_reference),
             (("imagefolder_randaugment",), check_imagefolder),
             (("teacher_ols",), check_ols),
+            (("finetune_bf16",), check_finetune),
             (("teacher_fp16",), check_fp16),
             (("sync_probe",), check_probe),
         ]

@@ -15,6 +15,7 @@ SCRIPT = "benchmarks/gpu_smoke.py"
 CHECKS = {
     "install", "teacher_bf16", "teacher_fp16", "teacher_ols", "student_proxy_mix", "student_kd",
     "imagefolder_randaugment", "compile", "resume_bitwise", "teacher_epoch_benchmark", "reference_pipeline", "sync_probe",
+    "finetune_bf16",
 }
 
 
@@ -31,7 +32,7 @@ def test_dry_run_writes_every_check_and_passes(tmp_path):
     assert set(report["checks"]) == CHECKS
     assert {"torch", "accelerate", "cuda_available", "python"} <= set(report["environment"])
     checks = report["checks"]
-    for name in ("teacher_bf16", "teacher_ols", "student_proxy_mix", "student_kd", "imagefolder_randaugment", "compile"):
+    for name in ("teacher_bf16", "teacher_ols", "student_proxy_mix", "student_kd", "imagefolder_randaugment", "compile", "finetune_bf16"):
         command = checks[name]["commands"][0]
         assert command["returncode"] == 0 and command["seconds"] > 0 and command["command"].startswith("kd "), name
         assert 0 <= checks[name]["metrics"]["test_top1"] <= 1, name
