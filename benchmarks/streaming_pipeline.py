@@ -1,6 +1,6 @@
 """The streaming data path at a pretrained model's input size against torchvision's standard pipeline.
 
-    python benchmarks/streaming_pipeline.py [--size 128] [--per-class 500] [--repeats 5] [--workers 2]
+    python benchmarks/streaming_pipeline.py [--size 128] [--per-class 500] [--repeats 5] [--workers 2] [--device cpu]
 
 Data: the CIFAR-10 copy's first `--per-class` training images of every class, resized once to
 `--size` px JPEGs (quality 90) under .data/ (as a folder of larger images a user fine-tunes on).
@@ -61,9 +61,12 @@ def _peak_mb() -> float:
     return (own + largest_worker) / 1024  # KiB on Linux
 
 
-def measure(pipeline: str, data_dir: Path, size: int, workers: int) -> dict:
-    """One epoch of training batches through `pipeline` ("ours" or "torchvision"), in this process."""
+def measure(pipeline: str, data_dir: Path, size: int, workers: int, device_name: str = "cpu") -> dict:
+    """One epoch of training batches through `pipeline` ("ours" or "torchvision"), in this process, delivered
+    on `device_name` (ours augments and normalises the batch there; torchvision's batches are copied there)."""
     import torch
+
+    device = torch.device(device_name)
 
     if pipeline == "ours":
         from kd.data.augment import AugmentOptions
@@ -72,8 +75,7 @@ def measure(pipeline: str, data_dir: Path, size: int, workers: int) -> dict:
 
         data = load_dataset("imagefolder", data_dir, image_size=size)
         assert not data.in_memory
-        batches = DeviceBatches(data, "train", BATCH, torch.device("cpu"), augment=AugmentOptions(("crop", "flip")),
-                                num_workers=workers)
+        batches = DeviceBatches(data, "train", BATCH, device, augment=AugmentOptions(("crop", "flip")), num_workers=workers)
         batches.set_epoch(0)
         items = (images for images, _, _, _ in batches)
     else:
@@ -85,13 +87,15 @@ def measure(pipeline: str, data_dir: Path, size: int, workers: int) -> dict:
         ])
         dataset = datasets.ImageFolder(str(data_dir / "train"), transform=transform)
         loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
-                                             persistent_workers=False)
-        items = (images for images, _ in loader)
+                                             persistent_workers=False, pin_memory=device.type == "cuda")
+        items = (images.to(device, non_blocking=True) for images, _ in loader)
     first = next(items)  # worker start-up and the first batch: not timed
     assert first.shape[-1] == size
     started, images = time.perf_counter(), 0
     for batch in items:
         images += batch.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     if images == 0:
         raise SystemExit(f"one batch of {BATCH} only: pass a larger --per-class")
@@ -135,13 +139,15 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the batches are delivered (cuda: ours augments there)")
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".data" / "cifar10-jpeg")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="", help="results file suffix: streaming_pipeline_NAME.json")
     parser.add_argument("--one", choices=["ours", "torchvision"], help=argparse.SUPPRESS)  # a subprocess's single measurement
     parser.add_argument("--copy", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.copy, args.size, args.workers)))
+        print(json.dumps(measure(args.one, args.copy, args.size, args.workers, args.device)))
         return
     cifar = ensure_cifar10(args.data_dir)
     copy = resized_copy(cifar, args.size, args.per_class, args.data_dir.parent / f"cifar10-{args.size}px-{args.per_class}")
@@ -149,7 +155,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for pipeline in runs:
             argv = [sys.executable, __file__, "--one", pipeline, "--copy", str(copy), "--size", str(args.size),
-                    "--workers", str(args.workers)]
+                    "--workers", str(args.workers), "--device", args.device]
             result = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "KD_NO_PROGRESS": "1"})
             if result.returncode != 0:
                 raise SystemExit(f"{pipeline}: {result.stderr.strip()[-500:]}")
@@ -164,7 +170,7 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/streaming_pipeline.py", *sys.argv[1:]])
     lines = [
         f"# Streaming at {args.size} px: ours vs torchvision's standard pipeline", "",
-        f"Command: `{command}`. {platform.machine()}, {os.cpu_count()} CPUs, {args.workers} DataLoader workers each, "
+        f"Command: `{command}`. {platform.machine()}, {os.cpu_count()} CPUs, {args.workers} DataLoader workers each, batches delivered on {args.device}, "
         f"batch {BATCH}, {args.per_class * 10} training JPEGs of {args.size} px (CIFAR-10 resized), one epoch per run after "
         f"its first batch; {args.repeats} repeats, interleaved, each in a fresh process.", "",
         "| pipeline | img/s (min / median) | peak memory MB, process + largest worker (min / median) |", "|---|---|---|",
@@ -179,10 +185,11 @@ def main() -> None:
               f"(collation, crop, flip, normalisation) {split['rest_ms_per_batch']:.1f}; the whole batch "
               f"{split['whole_batch_ms_no_workers']:.1f}."]
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "streaming_pipeline.json").write_text(json.dumps(
-        {"command": command, "size": args.size, "workers": args.workers, "batch": BATCH, "runs": runs,
+    stem = "streaming_pipeline" + (f"_{args.name}" if args.name else "")
+    (args.results_dir / f"{stem}.json").write_text(json.dumps(
+        {"command": command, "size": args.size, "workers": args.workers, "device": args.device, "batch": BATCH, "runs": runs,
          "ours_over_torchvision_median": ratio, "where_the_time_goes": split}, indent=2) + "\n")
-    (args.results_dir / "streaming_pipeline.md").write_text("\n".join(lines) + "\n")
+    (args.results_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
