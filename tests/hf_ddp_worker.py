@@ -118,3 +118,8 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    # Leave the process group before the interpreter exits: a gloo thread still running at exit
+    # aborts the process ("terminate called without an active exception"), at random under load.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
