@@ -58,6 +58,20 @@ BUILTIN_MODELS: dict[str, str] = {
     "cifar_resnet101": "torchvision ResNet-101 with a CIFAR stem (3x3 stride-1 conv, no max-pool)",
 }
 
+TIMM_PREFIX = "timm:"
+TORCHVISION_PREFIXES = ("tv:", "torchvision:")
+
+
+def split_model_name(name: str) -> tuple[str, str]:
+    """("timm" | "torchvision" | "", bare name) for `timm:NAME`, `tv:NAME` / `torchvision:NAME` or a bare NAME."""
+    if name.startswith(TIMM_PREFIX):
+        return "timm", name[len(TIMM_PREFIX):]
+    for prefix in TORCHVISION_PREFIXES:
+        if name.startswith(prefix):
+            return "torchvision", name[len(prefix):]
+    return "", name
+
+
 # Built-ins defined for one input side only, and what to use instead at other sizes.
 FIXED_SIZE_MODELS: dict[str, int] = {"lenet": 32, "alexnet": 32}
 _ANY_SIZE_ALTERNATIVE = {"lenet": "lenet_padded", "alexnet": "alexnet_cifar3x3"}
@@ -288,11 +302,10 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
     if builder is not None:
         _check_fixed_size(name, image_size)
         return builder(num_classes, in_channels)
-    for prefix in ("tv:", "torchvision:"):
-        if isinstance(name, str) and name.startswith(prefix):
-            return _build_torchvision(name[len(prefix):], num_classes, in_channels)
-    if isinstance(name, str) and name.startswith("timm:"):
-        name = name[len("timm:"):]
+    library, bare = split_model_name(name) if isinstance(name, str) else ("", name)
+    if library == "torchvision":
+        return _build_torchvision(bare, num_classes, in_channels)
+    name = bare
     if isinstance(name, str) and name and _is_timm_model(name):
         return _build_timm(name, num_classes, in_channels, image_size)
     raise KDError(

@@ -37,9 +37,8 @@ from torch import nn
 
 from kd.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset
 from kd.errors import KDError, one_line
-from kd.models.weights import (
-    TIMM_PREFIX, TORCHVISION_PREFIXES, WeightsFile, classifier_names, first_conv_name, read_weights_file,
-)
+from kd.models.networks import split_model_name
+from kd.models.weights import WeightsFile, classifier_names, first_conv_name, read_weights_file
 
 IMAGENET_SIZE = 224
 LUMINANCE = (0.299, 0.587, 0.114)  # RGB -> gray, as PIL's "L" mode
@@ -156,21 +155,18 @@ def parse_teacher_model(text: str) -> ModelSpec:
     """`timm:NAME`, `tv:NAME` / `torchvision:NAME`, or a bare NAME (timm first, then torchvision)."""
     import timm
 
-    name = text.strip()
-    if name.startswith(TIMM_PREFIX):
-        bare = name[len(TIMM_PREFIX):]
-        if not timm.is_model(bare):
-            raise KDError(f"--teacher-model {text}: timm has no model {bare!r} (see timm.list_models())")
-        return ModelSpec("timm", bare)
-    for prefix in TORCHVISION_PREFIXES:
-        if name.startswith(prefix):
-            bare = name[len(prefix):]
-            if bare not in _torchvision_classifiers():
-                raise KDError(
-                    f"--teacher-model {text}: torchvision has no classification model {bare!r} "
-                    "(see torchvision.models.list_models(module=torchvision.models))"
-                )
-            return ModelSpec("torchvision", bare)
+    library, name = split_model_name(text.strip())
+    if library == "timm":
+        if not timm.is_model(name):
+            raise KDError(f"--teacher-model {text}: timm has no model {name!r} (see timm.list_models())")
+        return ModelSpec("timm", name)
+    if library == "torchvision":
+        if name not in _torchvision_classifiers():
+            raise KDError(
+                f"--teacher-model {text}: torchvision has no classification model {name!r} "
+                "(see torchvision.models.list_models(module=torchvision.models))"
+            )
+        return ModelSpec("torchvision", name)
     if name and timm.is_model(name):
         return ModelSpec("timm", name)
     if name in _torchvision_classifiers():

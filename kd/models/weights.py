@@ -32,11 +32,10 @@ import torch
 from torch import nn
 
 from kd.errors import KDError, one_line
+from kd.models.networks import BUILTIN_MODELS, split_model_name
 
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-TIMM_PREFIX = "timm:"
-TORCHVISION_PREFIXES = ("tv:", "torchvision:")
 
 
 @dataclass
@@ -153,20 +152,8 @@ def read_weights_file(path: str | os.PathLike, flag: str) -> WeightsFile:
 # model names
 
 
-def split_model_name(name: str) -> tuple[str, str]:
-    """("timm" | "torchvision" | "", bare name) for `timm:NAME`, `tv:NAME` / `torchvision:NAME` or a bare NAME."""
-    if name.startswith(TIMM_PREFIX):
-        return "timm", name[len(TIMM_PREFIX):]
-    for prefix in TORCHVISION_PREFIXES:
-        if name.startswith(prefix):
-            return "torchvision", name[len(prefix):]
-    return "", name
-
-
 def model_library(name: str) -> str:
     """"builtin", "timm" or "torchvision": who defines the network `--model NAME` builds."""
-    from kd.models.networks import BUILTIN_MODELS
-
     library, _ = split_model_name(name)
     return library or ("builtin" if name in BUILTIN_MODELS else "timm")
 
@@ -327,8 +314,8 @@ def load_initial_weights(
     if conv_key in state and conv_key in expected and state[conv_key].shape != expected[conv_key].shape:
         got, want = state[conv_key], expected[conv_key]
         module = net.get_submodule(conv)
-        base = got.shape[1] * module.in_channels // (want.shape[1] * module.groups) * module.groups if want.shape[1] else 0
-        if got.ndim == 4 and got.shape[0] == want.shape[0] and got.shape[2:] == want.shape[2:] and base >= 1:
+        base = got.shape[1] * module.groups  # the file's input channels
+        if got.ndim == 4 and got.shape[0] == want.shape[0] and got.shape[2:] == want.shape[2:]:
             try:
                 state[conv_key] = _adapt_input_conv(module.in_channels, got, base)
             except (NotImplementedError, AssertionError, ValueError):

@@ -31,8 +31,8 @@ from kd.data.splits import train_per_class, validation_split
 from kd.errors import KDError, one_line
 from kd.io import write_json_atomic
 from kd.methods import ExportInfo, Method, soft_target_methods
-from kd.models.networks import build_model
-from kd.models.weights import WeightsFile, load_initial_weights, model_library, published_weights, read_weights_file, split_model_name
+from kd.models.networks import build_model, split_model_name
+from kd.models.weights import WeightsFile, load_initial_weights, model_library, published_weights, read_weights_file
 from kd.training.loop import FitResult, TrainingDiverged, TrainModule, fit, make_accelerator
 from kd.training.optim import optimizer_steps_per_epoch
 from kd.training.rundir import (
@@ -213,10 +213,10 @@ class StartingWeights:
             accelerator.print(f"note: {self.flag}: {note}")
         if self.input is None:
             return data
-        mean, std = self.input.mean, self.input.std
-        if data.channels == 1 and len(mean) == 3:  # gray data: the channels' average, as the adapted first convolution sums them
-            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-        return replace(data, mean=tuple(mean), std=tuple(std))
+        from kd.models.pretrained import with_channels
+
+        own = with_channels(self.input, data.channels)  # gray data: the channels' average, as the adapted first convolution sums them
+        return replace(data, mean=tuple(own.mean), std=tuple(own.std))
 
     def record(self) -> dict[str, Any]:
         return self.weights.record("pretrained") if self.weights else {}
